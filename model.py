@@ -1,0 +1,250 @@
+"""LLaMA 2 in one file, read as a stack of nested language models.
+
+The network follows Meta's reference implementation (github.com/facebookresearch/llama, model.py): RMSNorm,
+rotary embeddings in Meta's interleaved layout, grouped-query attention, a SwiGLU feed-forward with Meta's
+hidden-size rule, and Meta's checkpoint names for every parameter. Sorted Fine-Tuning (SoFT, arXiv 2309.08968)
+reads it as many models at once: the first n blocks followed by the *shared* final norm and the *shared*
+output head form a language model for every n. `forward(tokens, n_layers=n)` runs that sub-model,
+`forward(tokens, exits=[...])` returns the hidden states at several depths from one pass, and `head()` is the
+one place where every depth meets the shared norm and head.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    # field names are those of Meta's params.json
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouping)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    hidden_dim: int | None = None  # feed-forward width given directly (Hugging Face's intermediate_size)
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# the shapes Meta released; "tiny" is the demo that trains on a CPU in minutes (its vocabulary comes from
+# the tokenizer it is trained with)
+PRESETS = {
+    "tiny": dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                ffn_dim_multiplier=1.3),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 whatever the activation dtype, as Meta does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+    """cos and sin of every (position, frequency) angle, each (max_seq_len, head_dim // 2), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, T, H, head_dim) by position. Meta's layout: dims (2i, 2i+1) form one rotating pair."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2), broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for positions 0..max_seq_len-1, written in place while decoding."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos.. and return everything up to their end."""
+        end = start_pos + k.size(2)
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        # entries past `end` are stale (a rolled-back draft, say) and never read
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache = None  # a KVCache while decoding, None while training
+
+    def forward(self, x, cos, sin, start_pos: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
+        gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads queries shares a key
+        if self.cache is None or start_pos == 0:
+            if self.cache is not None:
+                self.cache.update(0, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+            # query i sits at position start_pos + i and sees the keys up to there
+            mask = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos: int):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Head(nn.Module):
+    """A norm and output head of an exit's own: only the SFT+ICT baseline has these."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, h):
+        return self.output(self.norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)  # shared by every exit
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # shared by every exit
+        self.exit_heads = nn.ModuleDict()  # empty but for SFT+ICT: str(depth) -> Head
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        """(Re)compute the rotary tables; needed after building on the meta device, as they are not saved."""
+        cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens, start_pos: int = 0, n_layers: int | None = None, exits: list[int] | None = None):
+        """Logits (B, T, vocab) of the depth-n_layers model (default: all layers).
+
+        With exits=[e1, ..., ek] (increasing), returns instead the list of hidden states (B, T, dim) after
+        blocks e1..ek, from one pass that stops at ek; apply head() to each for that depth's logits.
+        """
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if exits is None:
+            depth = n_layers or self.args.n_layers
+            return self.head(self.run_layers(h, start_pos, 0, depth), depth)
+        hidden, depth = [], 0
+        for e in exits:
+            h = self.run_layers(h, start_pos, depth, e)
+            hidden.append(h)
+            depth = e
+        return hidden
+
+    def run_layers(self, h, start_pos: int, first: int, last: int):
+        """Blocks first+1..last (1-based) on hidden states h (B, T, dim) at positions start_pos.."""
+        assert 0 <= first <= last <= self.args.n_layers, (first, last)
+        assert start_pos + h.size(1) <= self.args.max_seq_len, "sequence longer than max_seq_len"
+        cos = self.rope_cos[start_pos:start_pos + h.size(1)]
+        sin = self.rope_sin[start_pos:start_pos + h.size(1)]
+        for layer in self.layers[first:last]:
+            h = layer(h, cos, sin, start_pos)
+        return h
+
+    def head(self, h, depth: int | None = None):
+        """The shared final norm and output head, the same for every depth (SFT+ICT: the exit's own head)."""
+        if depth is not None and str(depth) in self.exit_heads:
+            return self.exit_heads[str(depth)](h)
+        return self.output(self.norm(h))
+
+    def add_exit_heads(self, exits: list[int]):
+        for e in exits:
+            self.exit_heads[str(e)] = Head(self.args)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None):
+        """Give every layer a KV cache for decoding (dtype and device of the weights)."""
+        w = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache = KVCache(batch_size, max_seq_len or self.args.max_seq_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+
+    def drop_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+
+def default_exits(n_layers: int) -> list[int]:
+    """Up to 8 evenly spaced exits ending at the last layer, none below 30% depth (13B: 12, 16, ..., 40)."""
+    first = math.ceil(0.3 * n_layers)
+    step = max(1, math.ceil((n_layers - first) / 7))
+    return list(range(n_layers, first - 1, -step))[:8][::-1]
+
+
+def init_weights(name: str, shape, n_layers: int, generator=None) -> torch.Tensor:
+    """A fresh float32 value for parameter `name`: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0.02
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
