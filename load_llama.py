@@ -1,0 +1,375 @@
+"""Weights and tokenizer in and out: Meta's layout, Hugging Face's layout, this project's checkpoints.
+
+Layouts read by load_model(path):
+  meta  params.json + consolidated.NN.pth (model-parallel shards are merged along the dims Meta split)
+  hf    config.json + model.safetensors, or model-NNNNN-of-NNNNN.safetensors with their index
+        (pytorch_model*.bin when there is no safetensors); q/k rows are un-permuted back to Meta's rope layout
+  ours  params.json + model.safetensors with Meta's names, as sorted_train.py writes it (a folder whose
+        `latest` link names the newest checkpoint works too)
+Nothing is unpickled beyond plain tensors (torch.load(weights_only=True)); the model is built on the meta
+device and the loaded tensors are assigned, so peak memory stays near one copy of the weights.
+
+Export of the depth-k sub-model as a standalone Hugging Face LLaMA checkpoint:
+  python load_llama.py export SRC DST --layers K
+"""
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import ModelArgs, Transformer
+
+
+class CheckpointError(Exception):
+    """Something about the user's files is wrong; the scripts print it as one line and exit."""
+
+
+# --- tokenizer
+
+class Tokenizer:
+    """LLaMA's sentencepiece tokenizer (tokenizer.model)."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.path = path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a readable sentencepiece tokenizer ({str(e).splitlines()[0]})")
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer.model file, or a folder holding one."""
+    if os.path.isdir(path):
+        path = os.path.join(resolve(path), "tokenizer.model")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such tokenizer file (pass --tokenizer path/to/tokenizer.model)")
+    return Tokenizer(path)
+
+
+def check_vocab(model: Transformer, tokenizer: Tokenizer, where: str = "the checkpoint"):
+    if model.args.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but {where} has "
+                              f"{model.args.vocab_size}: pass the tokenizer the model was trained with")
+
+
+# --- reading a checkpoint folder
+
+def resolve(path: str) -> str:
+    """Follow a training folder's `latest` link to the checkpoint it names."""
+    latest = os.path.join(path, "latest")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.json")) and os.path.exists(latest):
+        return os.path.realpath(latest)
+    return path
+
+
+def detect_layout(path: str) -> str:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: a checkpoint is a folder (params.json + weights, or config.json + weights)")
+    files = set(os.listdir(path))
+    if "params.json" in files and "model.safetensors" in files:
+        return "ours"
+    if "params.json" in files and glob.glob(os.path.join(path, "consolidated.*.pth")):
+        return "meta"
+    if "config.json" in files and (glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+        return "hf"
+    raise CheckpointError(f"{path}: found neither params.json with consolidated.*.pth or model.safetensors "
+                          "(Meta's layout, ours) nor config.json with *.safetensors (Hugging Face's)")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def require(cfg: dict, keys, path: str):
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: missing required field(s) {', '.join(missing)}")
+
+
+def args_from_params(params: dict, path: str) -> ModelArgs:
+    """ModelArgs from Meta's params.json (or ours, which is a superset)."""
+    require(params, ["dim", "n_layers", "n_heads"], path)
+    if params.get("use_scaled_rope"):
+        raise CheckpointError(f"{path}: use_scaled_rope (LLaMA 3.1) is not supported; this is a LLaMA 2 implementation")
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in params.items() if k in fields})
+
+
+def args_from_hf_config(cfg: dict, path: str) -> ModelArgs:
+    require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"], path)
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type is {cfg['model_type']!r}, expected 'llama'")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{path}: rope scaling is not supported; this is a LLaMA 2 implementation")
+    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise CheckpointError(f"{path}: head_dim other than hidden_size / num_attention_heads is not supported")
+    return ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        max_seq_len=cfg.get("max_position_embeddings", 4096))
+
+
+def read_args(path: str) -> tuple[ModelArgs, str]:
+    """The model's shape and the folder's layout. vocab_size -1 (Meta) is fixed up by load_model."""
+    path = resolve(path)
+    layout = detect_layout(path)
+    if layout == "hf":
+        return args_from_hf_config(read_json(os.path.join(path, "config.json")), path + "/config.json"), layout
+    return args_from_params(read_json(os.path.join(path, "params.json")), path + "/params.json"), layout
+
+
+def torch_load(file: str) -> dict:
+    """torch.load that only ever builds tensors: a file whose unpickling would run code is refused."""
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused, unpickling it would need more than plain tensors "
+                              f"({str(e).splitlines()[-1][:120]})")
+    except (RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{file}: cannot read this .pth file ({str(e).splitlines()[0][:160]})")
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = read_json(index).get("weight_map", {})
+        return sorted({os.path.join(path, f) for f in weight_map.values()})
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def iter_safetensors(files: list[str]):
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})")
+
+
+# dims along which Meta's model-parallel shards were cut: ColumnParallelLinear splits the output rows,
+# RowParallelLinear and ParallelEmbedding the input columns; norms are replicated
+META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def iter_meta(path: str):
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    shards = [torch_load(f) for f in files]  # mmap: pages are read only as tensors are used
+    for name in shards[0]:
+        if name == "rope.freqs":  # Meta ships its rotary table; we compute ours
+            continue
+        parts = [s[name] for s in shards]
+        split = META_SPLIT_DIM.get(name.split(".")[-2])
+        yield name, parts[0] if len(parts) == 1 or split is None else torch.cat(parts, dim=split)
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rope rows (pairs 2i, 2i+1) -> HF's rows (first half, second half) per head."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+# Hugging Face name -> Meta name, inside a block and outside
+HF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def iter_hf(path: str, args: ModelArgs, tied: bool):
+    files = safetensors_files(path)
+    if files:
+        tensors = iter_safetensors(files)
+    else:
+        tensors = (kv for f in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))) for kv in torch_load(f).items())
+    for hf_name, t in tensors:
+        if hf_name in HF_TOP_NAMES:
+            name = HF_TOP_NAMES[hf_name]
+        elif hf_name.startswith("model.layers."):
+            _, _, i, module, *rest = hf_name.split(".")
+            sub = ".".join([module] + rest[:-1])
+            if sub not in HF_BLOCK_NAMES:
+                continue  # e.g. rotary_emb.inv_freq in older exports
+            name = f"layers.{i}.{HF_BLOCK_NAMES[sub]}.{rest[-1]}"
+            if sub == "self_attn.q_proj":
+                t = hf_unpermute(t, args.n_heads)
+            elif sub == "self_attn.k_proj":
+                t = hf_unpermute(t, args.n_kv_heads or args.n_heads)
+        else:
+            continue
+        yield name, t
+        if tied and name == "tok_embeddings.weight":
+            yield "output.weight", t
+
+
+def iter_state_dict(path: str, args: ModelArgs, layout: str):
+    """(name, tensor) pairs with Meta's names, one tensor at a time, whatever the layout."""
+    if layout == "meta":
+        yield from iter_meta(path)
+    elif layout == "hf":
+        tied = bool(read_json(os.path.join(path, "config.json")).get("tie_word_embeddings", False))
+        yield from iter_hf(path, args, tied)
+    else:
+        yield from iter_safetensors([os.path.join(path, "model.safetensors")])
+
+
+def load_model(path: str, device="cpu", dtype=None) -> Transformer:
+    """A Transformer from any of the three layouts, in the stored dtype unless dtype is given."""
+    path = resolve(path)
+    args, layout = read_args(path)
+    state = {}
+    for name, t in iter_state_dict(path, args, layout):
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if "tok_embeddings.weight" not in state:
+        raise CheckpointError(f"{path}: no tok_embeddings weight found; is this a LLaMA checkpoint?")
+    vocab = state["tok_embeddings.weight"].shape[0]
+    if args.vocab_size == -1:  # Meta's params.json leaves the vocabulary to the weights
+        args.vocab_size = vocab
+    with torch.device("meta"):
+        model = Transformer(args)
+        if layout == "ours":  # an SFT+ICT checkpoint carries a head per exit
+            model.add_exit_heads(read_json(os.path.join(path, "params.json")).get("exit_heads") or [])
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: weights the model does not have: {', '.join(unexpected[:3])}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)} but the config implies {shape}")
+    model.load_state_dict(state, assign=True)
+    model.init_rope(device)
+    return model.eval()
+
+
+# --- writing
+
+def params_json(args: ModelArgs, **extra) -> dict:
+    """Meta's params.json fields plus this project's (the trainer adds exits and its configuration)."""
+    return {**dataclasses.asdict(args), **extra}
+
+
+def save_model(state: dict, args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
+    """Write a checkpoint in our layout: model.safetensors (Meta's names), params.json, tokenizer.model."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params_json(args, **extra), f, indent=2)
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def hf_state_dict(model: Transformer, layers: int) -> dict:
+    """The depth-`layers` sub-model's weights under Hugging Face's names (q/k rows in HF's rope layout)."""
+    args = model.args
+    meta_to_hf = {v: k for k, v in HF_BLOCK_NAMES.items()}
+    top = {v: k for k, v in HF_TOP_NAMES.items()}
+    head = model.exit_heads[str(layers)] if str(layers) in model.exit_heads else model  # SFT+ICT: the exit's own head
+    tensors = {top["norm.weight"]: head.norm.weight, top["output.weight"]: head.output.weight,
+               top["tok_embeddings.weight"]: model.tok_embeddings.weight}
+    for i, block in enumerate(model.layers[:layers]):
+        for name, t in block.state_dict().items():  # "attention.wq.weight", "ffn_norm.weight", ...
+            sub, leaf = name.rsplit(".", 1)
+            if sub == "attention.wq":
+                t = hf_permute(t, args.n_heads)
+            elif sub == "attention.wk":
+                t = hf_permute(t, args.n_kv_heads or args.n_heads)
+            tensors[f"model.layers.{i}.{meta_to_hf[sub]}.{leaf}"] = t
+    return {n: t.detach().contiguous() for n, t in tensors.items()}
+
+
+def hf_config(args: ModelArgs, layers: int, bos_id: int = 1, eos_id: int = 2, dtype=torch.float32) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def export_hf(src: str, dst: str, layers: int | None = None, dtype=None):
+    """Write the depth-`layers` sub-model of src as a Hugging Face LlamaForCausalLM folder."""
+    model = load_model(src, dtype=dtype)
+    k = layers or model.args.n_layers
+    if not 1 <= k <= model.args.n_layers:
+        raise CheckpointError(f"--layers {k} is outside 1..{model.args.n_layers}")
+    os.makedirs(dst, exist_ok=True)
+    save_file(hf_state_dict(model, k), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    tok_file = os.path.join(resolve(src), "tokenizer.model")
+    bos, eos = 1, 2
+    if os.path.exists(tok_file):
+        tok = Tokenizer(tok_file)
+        bos, eos = tok.bos_id, tok.eos_id
+        shutil.copyfile(tok_file, os.path.join(dst, "tokenizer.model"))
+        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, f, indent=2)
+    config = hf_config(model.args, k, bos, eos, model.output.weight.dtype)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write the depth-K sub-model as a Hugging Face LLaMA checkpoint")
+    e.add_argument("src", help="checkpoint folder (Meta, Hugging Face or ours)")
+    e.add_argument("dst", help="output folder")
+    e.add_argument("--layers", type=int, default=None, help="depth of the sub-model (default: all layers)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
+    a = p.parse_args(argv)
+    try:
+        cfg = export_hf(a.src, a.dst, a.layers, getattr(torch, a.dtype) if a.dtype else None)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {a.dst}: LlamaForCausalLM with {cfg['num_hidden_layers']} layers")
+
+
+if __name__ == "__main__":
+    main()
