@@ -1,0 +1,320 @@
+"""Sample from any depth of a (sorted) LLaMA 2: the first n layers plus the shared norm and head.
+
+  python generate.py --layers 4                    # the depth-4 sub-model of the demo checkpoint in out/
+  python generate.py --compare                     # the same prompt at every trained exit, with tokens/s
+  python generate.py --ckpt llama-2-13b --tokenizer tokenizer.model --layers 20 --prompt "..."
+
+Decoding uses a static KV cache: the prompt is prefilled in one pass, then one token per step (gpt-fast's
+prefill / decode_one_token / generate split). Prompts are wrapped in the Stanford Alpaca template unless --raw.
+"""
+import argparse
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+from load_llama import CheckpointError, check_vocab, load_model, load_tokenizer, read_json, resolve
+from model import Transformer, default_exits
+
+# --- the Stanford Alpaca prompt template (github.com/tatsu-lab/stanford_alpaca), used for training too
+
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    return (PROMPT_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
+
+
+# --- sampling: pure functions of the logits
+
+def logits_to_probs(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+    """Next-token distribution (..., vocab) after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the tokens more likely than it already cover top_p (the first one always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (..., vocab); temperature 0 is greedy."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs.view(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+
+
+# --- decoding with the KV cache
+
+def prefill(model: Transformer, tokens, depth: int):
+    """Run the prompt (1, T) through the first `depth` layers, filling the cache; last position's logits (1, V)."""
+    h = model.run_layers(model.tok_embeddings(tokens), 0, 0, depth)
+    return model.head(h[:, -1], depth)
+
+
+def decode_one_token(model: Transformer, token, pos: int, depth: int):
+    """Feed one token (1, 1) at position pos; logits (1, V) for the next one."""
+    h = model.run_layers(model.tok_embeddings(token), pos, 0, depth)
+    return model.head(h[:, -1], depth)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, layers: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None, on_token=None,
+             draft_layers: int | None = None, num_speculations: int = 4,
+             early_exit: float | None = None, exits: list[int] | None = None, stats: dict | None = None) -> list[int]:
+    """New token ids (without the EOS that stopped them), one of three ways:
+
+    plain: the depth-`layers` sub-model (default: all layers), prefill then one token per step;
+    draft_layers=K: lossless self-speculative decoding, the first K layers drafting num_speculations tokens;
+    early_exit=threshold: each token leaves at the first of `exits` whose top probability reaches it.
+    on_token(id) is called as tokens are produced; `stats`, if given, receives acceptance or exit depths.
+    """
+    n = model.args.n_layers
+    depth = layers or n
+    assert 1 <= depth <= n, f"layers={depth} outside 1..{n}"
+    T = len(prompt_ids)
+    if not 0 < T < model.args.max_seq_len:
+        raise ValueError(f"the prompt is {T} tokens; it must be 1..{model.args.max_seq_len - 1} (max_seq_len)")
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
+    device = model.output.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    out = []
+
+    def emit(token: int) -> bool:
+        """Record a token; True when decoding should stop."""
+        if token == eos_id:
+            return True
+        out.append(token)
+        if on_token:
+            on_token(token)
+        return len(out) >= max_new_tokens
+
+    prompt = torch.tensor([prompt_ids], device=device)
+    size = min(model.args.max_seq_len, T + max_new_tokens + (num_speculations if draft_layers else 0))
+    model.setup_cache(1, size)
+    try:
+        if draft_layers:
+            assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
+            speculate(model, prompt, draft_layers, num_speculations, pick, emit, size, stats,
+                      (temperature, top_k, top_p, generator))
+        elif early_exit is not None:
+            exit_early(model, prompt, sorted(set(exits or default_exits(n)) | {n}), early_exit, pick, emit, size, stats)
+        else:
+            logits = prefill(model, prompt, depth)
+            for pos in range(T, T + max_new_tokens):
+                token = pick(logits)  # (1,)
+                if emit(token.item()):
+                    break
+                logits = decode_one_token(model, token.view(1, 1), pos, depth)
+        return out
+    finally:
+        model.drop_cache()
+
+
+def speculate(model, prompt, K, N, pick, emit, size, stats, sampling):
+    """Self-speculative decoding: layers 1..K draft, layers K+1..L verify from the draft's hidden states.
+
+    The verifier never recomputes the first K layers: it starts from the hidden states the draft left after
+    layer K, and the draft's KV entries for layers 1..K are the model's own. Rejected positions need no undo:
+    their cache entries lie past the accepted length, are never read, and are overwritten by the next draft.
+    """
+    L = model.args.n_layers
+    temperature, top_k, top_p, generator = sampling
+    token = pick(prefill(model, prompt, L))
+    pos = prompt.size(1)  # position of `token`, which no layer has seen yet
+    drafted = accepted = 0
+    if emit(token.item()):
+        return
+    while True:
+        n = min(N, size - 1 - pos)  # drafts must fit in the cache
+        hidden, drafts, q = [], [], []
+        x = token
+        for i in range(n + 1):  # the last pass only computes the hidden state the verifier needs for drafts[-1]
+            h = model.run_layers(model.tok_embeddings(x.view(1, 1)), pos + i, 0, K)  # (1, 1, dim)
+            hidden.append(h)
+            if i == n:
+                break
+            logits = model.head(h[:, -1], K)
+            if temperature == 0.0:
+                x = logits.argmax(-1)
+            else:
+                q.append(logits_to_probs(logits[0], temperature, top_k, top_p))
+                x = torch.multinomial(q[-1], 1, generator=generator)
+            drafts.append(x.item())
+        h = model.run_layers(torch.cat(hidden, dim=1), pos, K, L)  # (1, n+1, dim): all drafts verified at once
+        logits = model.head(h[0], L)  # (n+1, V)
+        new = []
+        if temperature == 0.0:
+            target = logits.argmax(-1).tolist()
+            while len(new) < n and drafts[len(new)] == target[len(new)]:
+                new.append(drafts[len(new)])
+            new.append(target[len(new)])  # the correction, or a bonus token when all drafts were accepted
+        else:  # speculative sampling (Leviathan et al. 2023): the output follows the full model's distribution
+            p = logits_to_probs(logits, temperature, top_k, top_p)
+            for i, d in enumerate(drafts):
+                if torch.rand(1, generator=generator, device=p.device).item() * q[i][d] < p[i, d]:
+                    new.append(d)
+                    continue
+                residual = (p[i] - q[i]).clamp(min=0)
+                residual = residual if residual.sum() > 0 else p[i]
+                new.append(torch.multinomial(residual / residual.sum(), 1, generator=generator).item())
+                break
+            else:
+                new.append(torch.multinomial(p[n], 1, generator=generator).item())
+        drafted, accepted = drafted + n, accepted + len(new) - 1
+        if stats is not None:
+            stats.update(drafted=drafted, accepted=accepted, acceptance=accepted / max(drafted, 1))
+        for t in new:
+            if emit(t):
+                return
+        token = torch.tensor([new[-1]], device=prompt.device)
+        pos += len(new)
+
+
+def exit_early(model, prompt, exits, threshold, pick, emit, size, stats):
+    """Confidence-based early exit with exact KV entries for the layers a token skipped.
+
+    A token that leaves at exit e has no keys and values in layers above e. They are computed, from the hidden
+    state it really had at e, the first time a later token goes deeper than e, batched with that token.
+    depth[p] (how many layers position p has been through) never increases along the sequence, so the
+    positions to catch up always form one run just before the current token.
+    """
+    L = model.args.n_layers
+    T = prompt.size(1)
+    if T > 1:
+        model.run_layers(model.tok_embeddings(prompt[:, :-1]), 0, 0, L)  # the prompt but its last token, all layers
+    depth = [L] * (T - 1) + [0] * (size - T + 1)
+    saved = torch.empty(1, size, model.args.dim, dtype=model.output.weight.dtype, device=prompt.device)
+    token, pos, depths = prompt[0, -1:], T - 1, []  # the last prompt token exits early like any other
+    while True:
+        h, prev = model.tok_embeddings(token.view(1, 1)), 0
+        for e in exits:
+            m = pos
+            while m > 0 and depth[m - 1] < e:  # earlier positions that stopped at `prev` and lack layers prev+1..e
+                m -= 1
+            x = model.run_layers(torch.cat([saved[:, m:pos], h], dim=1), m, prev, e)
+            saved[:, m:pos], depth[m:pos] = x[:, :-1], [e] * (pos - m)
+            h = x[:, -1:]
+            logits = model.head(h[:, -1], e)
+            if e == L or torch.softmax(logits.float(), -1).max() >= threshold:
+                break
+            prev = e
+        saved[:, pos], depth[pos] = h[:, 0], e
+        depths.append(e)
+        if stats is not None:
+            stats.update(mean_exit_depth=sum(depths) / len(depths), exit_depths=list(depths))
+        token = pick(logits)
+        pos += 1
+        if emit(token.item()) or pos >= size:
+            return
+
+
+# --- command line
+
+def parse_depths(text: str, n_layers: int, flag: str) -> list[int]:
+    try:
+        depths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CheckpointError(f"{flag} {text!r}: expected comma-separated layer counts such as 4,8")
+    for d in depths:
+        if not 1 <= d <= n_layers:
+            raise CheckpointError(f"{flag}: depth {d} is outside 1..{n_layers} (the model has {n_layers} layers)")
+    return depths
+
+
+def trained_exits(ckpt: str, n_layers: int) -> list[int]:
+    """The exits recorded in our params.json, else the default evenly spaced set."""
+    params = os.path.join(resolve(ckpt), "params.json")
+    exits = read_json(params).get("exits") if os.path.exists(params) else None
+    return list(exits) if exits else default_exits(n_layers)
+
+
+class Printer:
+    """Streams decoded text: sentencepiece joins pieces, so print what the whole decode gained."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, token: int):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample from any depth of a sorted LLaMA 2.")
+    p.add_argument("--ckpt", default="out", help="checkpoint folder: ours (default: the trainer's out/), Meta's or HF's")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint folder)")
+    p.add_argument("--prompt", default="Sort the digits in increasing order.", help="the instruction")
+    p.add_argument("--input", default="7 2 9 4 1", help="Alpaca's optional input field ('' for none)")
+    p.add_argument("--raw", action="store_true", help="send --prompt as it is, without the Alpaca template")
+    p.add_argument("--layers", type=int, default=None, help="depth of the sub-model (default: all layers)")
+    p.add_argument("--compare", nargs="?", const="exits", default=None, metavar="K1,K2,...",
+                   help="sample at each trained exit (or at these depths), one after another")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 elsewhere")
+    a = p.parse_args(argv)
+    try:
+        run(a)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(a):
+    if a.max_new_tokens < 1 or a.num_samples < 1 or a.temperature < 0:
+        raise ValueError("--max_new_tokens and --num_samples must be at least 1, --temperature at least 0")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise ValueError(f"--top_p {a.top_p}: must be in (0, 1]")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    model = load_model(a.ckpt, device=a.device, dtype=dtype)
+    tokenizer = load_tokenizer(a.tokenizer or a.ckpt)
+    check_vocab(model, tokenizer, a.ckpt)
+    n = model.args.n_layers
+    if a.compare is not None:
+        depths = trained_exits(a.ckpt, n) if a.compare == "exits" else parse_depths(a.compare, n, "--compare")
+    else:
+        depths = parse_depths(str(a.layers), n, "--layers") if a.layers is not None else [n]
+    text = a.prompt if a.raw else alpaca_prompt(a.prompt, a.input)
+    prompt_ids = tokenizer.encode(text, bos=True)
+    if len(prompt_ids) >= model.args.max_seq_len:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's max_seq_len is {model.args.max_seq_len}")
+    print(text, end="" if a.raw else "\n")
+    for depth in depths:
+        for i in range(a.num_samples):
+            print(f"--- layers {depth}/{n}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
+            printer = Printer(tokenizer)
+            t0 = time.perf_counter()
+            ids = generate(model, prompt_ids, a.max_new_tokens, layers=depth, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id, seed=a.seed + i, on_token=printer)
+            dt = time.perf_counter() - t0
+            print(f"\n[{len(ids)} tokens in {dt:.2f} s: {len(ids) / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()
