@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models, a tiny tokenizer, a comparison helper that reports the max difference."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import ModelArgs, Transformer, init_weights  # noqa: E402
+
+
+def assert_close(actual, expected, rtol=1e-4, what="tensors"):
+    """Relative error max|a - e| / max|e| within rtol; the message shows the numbers."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+def tiny_args(**kw) -> ModelArgs:
+    base = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=400, multiple_of=32, max_seq_len=64)
+    return ModelArgs(**{**base, **kw})
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """A model with random weights; norms perturbed away from 1 so that they are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_weights(name, p.shape, args.n_layers, g) * 5)  # larger weights: sharper, less tied logits
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A 400-token sentencepiece model trained on the built-in tasks."""
+    from sorted_train import builtin_records, train_tokenizer
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    train_tokenizer(builtin_records(3000, seed=0), 400, path)
+    return path
+
+
+def run_script(*args, timeout=120):
+    """Run one of the project's scripts; (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(rc, stderr, *needles):
+    assert rc != 0, "expected a non-zero exit"
+    assert "Traceback" not in stderr, stderr
+    # the progress bar may have drawn itself on stderr before the failure
+    lines = [l for l in stderr.strip().splitlines() if l.strip() and not ("it/s" in l and "|" in l)]
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("usage:")), stderr
+    for n in needles:
+        assert n in lines[-1], f"{n!r} not in {lines[-1]!r}"
