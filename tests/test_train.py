@@ -1,0 +1,191 @@
+"""The SoFT trainer: the loss by hand, masking, FSDP across processes, exact resume, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import ROOT, assert_close, assert_one_line_error, random_model, run_script, tiny_args
+from sorted_train import SortedObjective, collate, linear_cross_entropy
+
+# a small, fast configuration of the trainer on the built-in tasks
+FAST = ["--dim", "64", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--num_examples", "600",
+        "--val_size", "32", "--vocab_size", "400", "--batch_size", "8", "--eval_interval", "0", "--warmup", "2"]
+
+
+def test_summed_loss_is_the_sum_of_exit_cross_entropies_through_the_shared_head():
+    model = random_model(tiny_args(n_layers=4)).train()
+    exits, weights = [2, 3, 4], [0.5, 1.0, 2.0]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 400, (3, 12), generator=g)
+    labels = torch.randint(0, 400, (3, 12), generator=g)
+    labels[:, :5] = -100  # the prompt
+    labels[2, 9:] = -100  # padding
+    loss, per_exit = SortedObjective(model, "sorted")(tokens, labels, exits, weights, scale=0.1)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    # by hand: full logits at each depth through model.norm and model.output, CE on the response tokens
+    ref_terms = []
+    for e in exits:
+        logits = model.output(model.norm(model(tokens, exits=[e])[0]))
+        ref_terms.append(F.cross_entropy(logits.view(-1, 400), labels.view(-1), ignore_index=-100, reduction="sum"))
+    ref = 0.1 * sum(w * t for w, t in zip(weights, ref_terms))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert_close(loss.detach(), ref.detach(), 1e-6, "summed loss")
+    assert_close(per_exit, torch.stack(ref_terms).detach(), 1e-6, "per-exit loss")
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert_close(a, b, 1e-5, f"gradient of {name}")
+
+
+def test_chunked_cross_entropy_matches_autograd_across_chunks():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (300,), generator=g)
+    rw = torch.rand(300, generator=g)
+    from sorted_train import LinearCrossEntropy
+    loss, ce = LinearCrossEntropy.apply(x, w, y, rw, 7)  # 43 chunks
+    gx, gw = torch.autograd.grad(3.0 * loss, [x, w])
+    ref = (F.cross_entropy(x @ w.T, y, reduction="none") * rw).sum()
+    rgx, rgw = torch.autograd.grad(3.0 * ref, [x, w])
+    assert_close(loss.detach(), ref.detach(), 1e-6, "loss")
+    assert_close(gx, rgx, 1e-5, "dx")
+    assert_close(gw, rgw, 1e-5, "dW")
+    with torch.no_grad():  # the evaluation path
+        assert_close(linear_cross_entropy(x, w, y, rw)[0], ref.detach(), 1e-6, "no-grad loss")
+
+
+def test_prompt_and_padding_carry_no_loss():
+    # (ids, n_prompt): the first n_prompt ids are the prompt
+    tokens, labels = collate([([1, 10, 11, 12, 20, 21, 2], 4), ([1, 13, 22, 2], 2)], "cpu")
+    assert tokens.tolist() == [[1, 10, 11, 12, 20, 21], [1, 13, 22, 0, 0, 0]]
+    # position i predicts token i+1; only response tokens (and their EOS) are targets
+    assert labels.tolist() == [[-100, -100, -100, 20, 21, 2], [-100, 22, 2, -100, -100, -100]]
+
+
+def read_log(out):
+    return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "latest", "model.safetensors"))
+
+
+def test_two_process_fsdp_matches_one_process(tmp_path):
+    common = FAST + ["--max_steps", "4", "--save_interval", "0", "--seed", "3"]
+    one = str(tmp_path / "one")
+    rc, _, err = run_script("sorted_train.py", *common, "--batch_size", "4", "--grad_accum", "2", "--out", one)
+    assert rc == 0, err
+    two = str(tmp_path / "two")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "sorted_train.py", *common, "--batch_size", "4", "--grad_accum", "1", "--out", two],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 processes" in p.stdout
+    log1, log2 = read_log(one), read_log(two)
+    assert len(log1) == len(log2) == 5  # 4 steps and the final validation
+    for a, b in zip(log1, log2):
+        key = "loss" if "loss" in a else "val_loss"
+        for e in a[key]:
+            assert abs(a[key][e] - b[key][e]) < 1e-4, (a, b)
+    w1, w2 = final_weights(one), final_weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert_close(w2[k], w1[k], 1e-4, k)
+    assert log1[3]["loss"]["4"] < log1[0]["loss"]["4"]  # and it really trained
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = FAST + ["--max_steps", "40", "--save_interval", "3", "--eval_interval", "10"]
+    full = str(tmp_path / "full")
+    rc, _, err = run_script("sorted_train.py", *args, "--out", full)
+    assert rc == 0, err
+
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([sys.executable, "sorted_train.py", *args, "--out", cut], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(os.path.join(cut, "latest")) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # as a crash or a preempted node would
+    proc.wait()
+    rc, out, err = run_script("sorted_train.py", *args, "--out", cut, "--resume")
+    assert rc == 0, err
+    resumed_at = int(out.split("at step ")[1].split()[0])
+    assert resumed_at < 40, "the run finished before it could be stopped"
+    a, b = final_weights(full), final_weights(cut)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {resumed_at}"
+    # the log too continues as if nothing happened (timings aside)
+    losses_full = [l.get("loss", l.get("val_loss")) for l in read_log(full)]
+    losses_cut = [l.get("loss", l.get("val_loss")) for l in read_log(cut)]
+    assert losses_full == losses_cut
+
+
+def test_default_demo_lowers_the_loss_at_every_exit(tmp_path):
+    """The built-in demo with its default model and exits, shortened: every exit learns."""
+    out = str(tmp_path / "demo")
+    rc, stdout, err = run_script("sorted_train.py", "--max_steps", "40", "--num_examples", "2000", "--eval_interval", "20",
+                                 "--save_interval", "0", "--out", out, timeout=300)
+    assert rc == 0, err
+    log = read_log(out)
+    first = log[0]["loss"]
+    final_val = [l for l in log if "val_loss" in l][-1]["val_loss"]
+    assert set(first) == set(final_val) and len(first) > 1
+    for e in first:
+        assert final_val[e] < 0.6 * first[e], f"exit {e}: {first[e]:.3f} -> {final_val[e]:.3f}"
+    # the checkpoint loads and generates at a shallow exit
+    rc, stdout, err = run_script("generate.py", "--ckpt", out, "--layers", min(first, key=int), "--max_new_tokens", "5")
+    assert rc == 0, err
+
+
+# --- bad input
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no such file"),
+    ('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": "c", "output": }]', "record 2 is not valid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 2 lacks a string field 'output'"),
+    ("[]", "empty"),
+])
+def test_bad_data(tmp_path, tokenizer_path, content, needle):
+    data = str(tmp_path / "data.json") if content is None else write(tmp_path / "data.json", content)
+    rc, _, err = run_script("sorted_train.py", *FAST, "--data", data, "--tokenizer", tokenizer_path, "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, needle)
+
+
+@pytest.mark.parametrize("exits,needle", [("0,4", "within 1..4"), ("2,9", "within 1..4"), ("3,2", "increasing"),
+                                           ("a,b", "comma-separated")])
+def test_bad_exits(tmp_path, exits, needle):
+    rc, _, err = run_script("sorted_train.py", *FAST, "--exits", exits, "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, needle)
+
+
+def test_init_vocabulary_must_match_the_tokenizer(tmp_path, tokenizer_path):
+    from load_llama import save_model
+    model = random_model(tiny_args(vocab_size=512))
+    save_model(model.state_dict(), model.args, str(tmp_path / "init"))
+    rc, _, err = run_script("sorted_train.py", *FAST, "--init", str(tmp_path / "init"), "--tokenizer", tokenizer_path,
+                            "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, "vocabulary of 512", "400")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    out = str(tmp_path / "o")
+    rc, _, err = run_script("sorted_train.py", *FAST, "--lr", "1e30", "--warmup", "0", "--max_steps", "20",
+                            "--save_interval", "1", "--out", out)
+    assert_one_line_error(rc, err, "non-finite")
+    step = int(os.path.basename(os.path.realpath(os.path.join(out, "latest"))).split("_")[1])
+    rc, _, err = run_script("generate.py", "--ckpt", out, "--max_new_tokens", "2")
+    assert "Traceback" not in err and step >= 1
