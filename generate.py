@@ -291,6 +291,14 @@ def run(a):
         raise ValueError("--max_new_tokens and --num_samples must be at least 1, --temperature at least 0")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise ValueError(f"--top_p {a.top_p}: must be in (0, 1]")
+    if a.top_k is not None and a.top_k < 1:
+        raise ValueError(f"--top_k {a.top_k}: must be at least 1")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device}: not a device name (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: CUDA is not available here")
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model = load_model(a.ckpt, device=a.device, dtype=dtype)
     tokenizer = load_tokenizer(a.tokenizer or a.ckpt)

@@ -146,7 +146,13 @@ def read_args(path: str) -> tuple[ModelArgs, str]:
     layout = detect_layout(path)
     if layout == "hf":
         return args_from_hf_config(read_json(os.path.join(path, "config.json")), path + "/config.json"), layout
-    return args_from_params(read_json(os.path.join(path, "params.json")), path + "/params.json"), layout
+    args = args_from_params(read_json(os.path.join(path, "params.json")), path + "/params.json")
+    if args.vocab_size == -1:  # Meta's params.json leaves the vocabulary to the weights
+        shard = torch_load(sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))[0])  # mmap: reads no weights
+        if "tok_embeddings.weight" not in shard:
+            raise CheckpointError(f"{path}: no tok_embeddings weight found; is this a LLaMA checkpoint?")
+        args.vocab_size = shard["tok_embeddings.weight"].shape[0]
+    return args, layout
 
 
 def torch_load(file: str) -> dict:
@@ -238,7 +244,7 @@ def iter_hf(path: str, args: ModelArgs, tied: bool):
             continue
         yield name, t
         if tied and name == "tok_embeddings.weight":
-            yield "output.weight", t
+            yield "output.weight", t.clone()  # our head is a parameter of its own
 
 
 def iter_state_dict(path: str, args: ModelArgs, layout: str):
@@ -259,11 +265,6 @@ def load_model(path: str, device="cpu", dtype=None) -> Transformer:
     state = {}
     for name, t in iter_state_dict(path, args, layout):
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
-    if "tok_embeddings.weight" not in state:
-        raise CheckpointError(f"{path}: no tok_embeddings weight found; is this a LLaMA checkpoint?")
-    vocab = state["tok_embeddings.weight"].shape[0]
-    if args.vocab_size == -1:  # Meta's params.json leaves the vocabulary to the weights
-        args.vocab_size = vocab
     with torch.device("meta"):
         model = Transformer(args)
         if layout == "ours":  # an SFT+ICT checkpoint carries a head per exit

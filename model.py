@@ -60,10 +60,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 whatever the activation dtype, as Meta does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps), in float32 whatever the activation dtype, then the weight, as Meta does
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):

@@ -264,10 +264,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, x.size(0), chunk):
             xc, yc = x[s:s + chunk], labels[s:s + chunk]
             logits = (xc @ weight.T).float()  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            ce[s:s + chunk] = lse - logits.gather(1, yc[:, None]).squeeze(1)
-            # d CE / d logits = softmax - onehot, written over the logits to save memory
-            g = logits.sub_(lse[:, None]).exp_()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            # exp(logit - max), written over the logits to save memory; clamped so that no probability is a
+            # denormal float, which would slow the CPU matmuls below tenfold (e^-80 is still a normal float)
+            g = logits.sub_(top).clamp_(min=-80.0).exp_()
+            total = g.sum(-1, keepdim=True)
+            ce[s:s + chunk] = (top + total.log()).squeeze(1) - target
+            # d CE / d logits = softmax - onehot
+            g.div_(total)
             g[torch.arange(len(yc), device=g.device), yc] -= 1.0
             g.mul_(row_weights[s:s + chunk, None])
             g = g.to(weight.dtype)
@@ -327,11 +332,11 @@ def setup_device(a):
     if a.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device)  # before NCCL starts, so that each rank talks from its own GPU
+        dist.init_process_group("nccl" if cuda else "gloo")
         return dist.get_rank(), dist.get_world_size(), device, True
     return 0, 1, torch.device("cuda" if cuda else "cpu"), False
 
@@ -342,8 +347,9 @@ def local(t):
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, tensors, where: str):
-    """Copy full tensors (name, tensor), one at a time, into the parameters; each rank keeps only its shard."""
+def load_weights(model: nn.Module, tensors, where: str, optional: str = "exit_heads."):
+    """Copy full tensors (name, tensor), one at a time, into the parameters; each rank keeps only its shard.
+    Parameters under `optional` may be absent (an SFT checkpoint has no ICT heads yet)."""
     params = dict(model.named_parameters())
     for name, full in tensors:
         if name not in params:
@@ -354,8 +360,9 @@ def load_weights(model: nn.Module, tensors, where: str):
         if isinstance(p, DTensor):  # take the local slice only, no communication
             full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
         local(p).copy_(local(full))
-    if params:
-        raise CheckpointError(f"{where}: no weights for {', '.join(sorted(params)[:3])}")
+    missing = sorted(n for n in params if not n.startswith(optional))
+    if missing:
+        raise CheckpointError(f"{where}: no weights for {', '.join(missing[:3])}")
 
 
 def build_model(a, args: ModelArgs, exits, device, fsdp: bool, compute_dtype):
@@ -418,6 +425,8 @@ def save_checkpoint(a, step, model, opt, args, exits, tokenizer_path, rank, worl
             shutil.rmtree(final)
         os.rename(tmp, final)
         link = os.path.join(a.out, "latest")
+        if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
+            os.remove(link + ".tmp")
         os.symlink(name, link + ".tmp")
         os.replace(link + ".tmp", link)  # the switch to the new checkpoint is this one atomic rename
         for old in os.listdir(a.out):
@@ -451,10 +460,13 @@ def barrier(fsdp: bool):
         dist.barrier()
 
 
-def all_reduce(t, fsdp: bool):
-    if fsdp:
-        dist.all_reduce(t)
-    return t
+def all_reduce(t, fsdp: bool, device):
+    """Sum a small CPU tensor over ranks (NCCL only reduces tensors on the GPU)."""
+    if not fsdp:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 # --- training
@@ -515,7 +527,7 @@ def evaluate(objective, examples, exits, a, rank, world, fsdp, device, autocast)
             tokens, labels = collate(examples[:1], device)
             with autocast:
                 objective(tokens, labels, exits, [1.0] * len(exits), 1.0)
-    all_reduce(sums, fsdp)
+    sums = all_reduce(sums, fsdp, device)
     objective.train()
     return (sums[:-1] / sums[-1]).tolist()
 
@@ -656,7 +668,7 @@ def train(a):
                 loss, ce = objective(tokens, labels, loss_exits, loss_weights, world / n_global)
             loss.backward()
             exit_sums += ce.detach().double().cpu()
-        stats = all_reduce(torch.tensor([*exit_sums.tolist(), n_tokens], dtype=torch.float64), fsdp)
+        stats = all_reduce(torch.tensor([*exit_sums.tolist(), n_tokens], dtype=torch.float64), fsdp, device)
         exit_loss = (stats[:-1] / n_global).tolist()
         norm = nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm

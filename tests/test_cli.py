@@ -81,6 +81,13 @@ def test_prompt_longer_than_max_seq_len(ckpt):
     assert_one_line_error(rc, err, "max_seq_len")
 
 
+@pytest.mark.parametrize("flags,needle", [(["--temperature", "1", "--top_k", "0"], "--top_k"),
+                                          (["--top_p", "1.5"], "--top_p"), (["--device", "gpu9"], "--device")])
+def test_bad_sampling_flags(ckpt, flags, needle):
+    rc, _, err = run_script("generate.py", "--ckpt", ckpt, *flags)
+    assert_one_line_error(rc, err, needle)
+
+
 def test_export_rejects_depth_outside_the_model(ckpt, tmp_path):
     rc, _, err = run_script("load_llama.py", "export", ckpt, str(tmp_path / "x"), "--layers", "9")
     assert_one_line_error(rc, err, "--layers 9")

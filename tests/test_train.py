@@ -189,3 +189,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     step = int(os.path.basename(os.path.realpath(os.path.join(out, "latest"))).split("_")[1])
     rc, _, err = run_script("generate.py", "--ckpt", out, "--max_new_tokens", "2")
     assert "Traceback" not in err and step >= 1
+
+
+def test_fine_tunes_from_meta_layout(tmp_path, tokenizer_path):
+    """--init with Meta's params.json (vocab_size -1) and two model-parallel shards."""
+    from test_load import write_meta
+    write_meta(random_model(tiny_args(n_layers=4)), tmp_path / "meta", 2)
+    out = str(tmp_path / "o")
+    rc, stdout, err = run_script("sorted_train.py", *FAST, "--init", str(tmp_path / "meta"), "--tokenizer", tokenizer_path,
+                                 "--max_steps", "2", "--out", out)
+    assert rc == 0, err
+    assert "4 layers, dim 64" in stdout
