@@ -135,6 +135,14 @@ def load_records(path: str) -> list[dict]:
     return records
 
 
+def dataset(a) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records: --data split by a fixed permutation (the same for any --seed), or the built-in tasks."""
+    records = load_records(a.data) if a.data else builtin_records(a.num_examples + a.val_size, seed=1234)
+    split = random.Random(1234).sample(range(len(records)), len(records))
+    n_val = min(a.val_size, len(records) // 10) if a.data else a.val_size
+    return [records[i] for i in split[n_val:]], [records[i] for i in split[:n_val]]
+
+
 def spaced(items) -> str:
     return " ".join(str(x) for x in items)
 
@@ -548,7 +556,8 @@ def train(a):
     resume_from = os.path.realpath(latest) if a.resume and os.path.exists(latest) else None
 
     # tokenizer and data
-    records = load_records(a.data) if a.data else builtin_records(a.num_examples + a.val_size, seed=1234)
+    train_records, val_records = dataset(a)
+    records = train_records + val_records
     tok_path = os.path.join(a.out, "tokenizer.model")
     if resume_from:
         tok_src = os.path.join(resume_from, "tokenizer.model")
@@ -568,10 +577,6 @@ def train(a):
             atomic_write(tok_path, open(tokenizer.path, "rb").read())
     barrier(fsdp)
     tokenizer = load_tokenizer(tok_path)
-    split = random.Random(1234).sample(range(len(records)), len(records))  # the same held-out set for any --seed
-    n_val = min(a.val_size, len(records) // 10) if a.data else a.val_size
-    val_records = [records[i] for i in split[:n_val]]
-    train_records = [records[i] for i in split[n_val:]]
     train_ex, truncated, dropped = tokenize(train_records, tokenizer, a.max_seq_len)
     val_ex, _, _ = tokenize(val_records, tokenizer, a.max_seq_len)
     if not train_ex:
