@@ -1,0 +1,67 @@
+"""The analysis metrics and the SFT+ICT baseline, on a tiny model."""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from analyze import cosine, exact_match, kl_divergence
+from conftest import assert_close, run_script
+from test_train import FAST
+
+
+def test_kl_of_identical_distributions_is_zero_and_positive_otherwise():
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    assert kl_divergence(logits, logits).abs().max() < 1e-6  # KL(p || p) = 0
+    assert kl_divergence(logits, logits + 3.0).abs().max() < 1e-6  # the same distribution, shifted logits
+    other = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    kl = kl_divergence(logits, other)
+    assert (kl > 0).all()
+    p, q = torch.softmax(logits, -1), torch.softmax(other, -1)
+    assert_close(kl, (p * (p / q).log()).sum(-1), 1e-5, "KL by hand")
+
+
+def test_cosine_of_identical_states_is_one():
+    h = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    assert_close(cosine(h, h), torch.ones(4), 1e-6, "cos(h, h)")
+    assert_close(cosine(h, -h), -torch.ones(4), 1e-6, "cos(h, -h)")
+    assert_close(cosine(h, 2.5 * h), torch.ones(4), 1e-6, "scale-invariant")
+
+
+def test_exact_match_on_known_answers():
+    assert exact_match("1 2 4 7 9", "1 2 4 7 9")
+    assert exact_match(" odd\n", "odd")
+    assert not exact_match("1 2 4 7", "1 2 4 7 9")
+    assert not exact_match("even", "odd")
+
+
+def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
+    sft = str(tmp_path / "sft")
+    rc, _, err = run_script("sorted_train.py", *FAST, "--mode", "sft", "--max_steps", "3", "--out", sft)
+    assert rc == 0, err
+    ict = str(tmp_path / "ict")
+    rc, _, err = run_script("sorted_train.py", *FAST, "--mode", "ict", "--init", sft, "--exits", "2,3,4",
+                            "--max_steps", "3", "--lr", "1e-2", "--out", ict)
+    assert rc == 0, err
+    before = load_file(os.path.join(sft, "latest", "model.safetensors"))
+    after = load_file(os.path.join(ict, "latest", "model.safetensors"))
+    for name, t in before.items():  # every trunk weight, the shared norm and head included, as SFT left it
+        assert torch.equal(after[name], t), f"{name} changed"
+    for e in (2, 3, 4):  # each exit's own head started from the shared one and has moved
+        for part in ("norm", "output"):
+            assert not torch.equal(after[f"exit_heads.{e}.{part}.weight"], before[f"{part}.weight"]), (e, part)
+    assert json.load(open(os.path.join(ict, "latest", "params.json")))["exit_heads"] == [2, 3, 4]
+
+    # generate.py and analyze.py read the heads; the per-exit figures are consistent
+    rc, out, err = run_script("generate.py", "--ckpt", ict, "--layers", "2", "--max_new_tokens", "4")
+    assert rc == 0, err
+    rc, out, err = run_script("analyze.py", "--ckpt", ict, "--vs", sft, "--num_examples", "12",
+                              "--json", str(tmp_path / "a.json"))
+    assert rc == 0, err
+    results = json.load(open(tmp_path / "a.json"))
+    assert [r["mode"] for r in results] == ["ict", "sft"]
+    last = results[0]["exits"][-1]
+    assert last["exit"] == 4 and last["top1_agreement"] == 1.0 and abs(last["kl_last_exit"]) < 1e-6
+    assert abs(last["cosine_to_last"] - 1) < 1e-5
+    for row in results[0]["exits"]:
+        assert 0 <= row["accuracy"] <= 1 and row["val_loss"] > 0
