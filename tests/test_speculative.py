@@ -1,0 +1,115 @@
+"""Self-speculative decoding and early exit: lossless, exact, reproducible."""
+import os
+
+import pytest
+import torch
+
+from conftest import random_model, run_script, tiny_args
+from generate import alpaca_prompt, generate, logits_to_probs
+from load_llama import load_model, load_tokenizer
+from test_train import FAST
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """A tiny SoFT model trained for a few seconds on the built-in tasks, so that drafts are often accepted."""
+    out = str(tmp_path_factory.mktemp("spec") / "out")
+    rc, _, err = run_script("sorted_train.py", *FAST, "--max_steps", "80", "--lr", "1e-2", "--out", out)
+    assert rc == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(trained_dir):
+    return load_model(trained_dir)
+
+
+@pytest.fixture(scope="module")
+def task_prompt(trained_dir):
+    tok = load_tokenizer(trained_dir)
+    return tok.encode(alpaca_prompt("Count from the first number to the second.", "12 to 19"))
+
+
+PROMPT = [1, 17, 42, 99, 7, 250, 3]
+
+
+@pytest.mark.parametrize("K,N", [(1, 1), (1, 4), (2, 3), (3, 6)])
+def test_greedy_speculation_equals_plain_decoding_on_a_random_model(K, N):
+    model = random_model(tiny_args(n_layers=4))
+    stats = {}
+    assert generate(model, PROMPT, 30, draft_layers=K, num_speculations=N, stats=stats) == generate(model, PROMPT, 30)
+    assert stats["drafted"] > 0 and stats["acceptance"] < 0.5  # a random draft is mostly rejected, often at once
+
+
+@pytest.mark.parametrize("K,N", [(1, 2), (2, 4), (3, 8)])
+def test_greedy_speculation_equals_plain_decoding_on_a_trained_model(trained, task_prompt, K, N):
+    stats = {}
+    out = generate(trained, task_prompt, 40, draft_layers=K, num_speculations=N, eos_id=2, stats=stats)
+    assert out == generate(trained, task_prompt, 40, eos_id=2)
+    assert len(out) > 5 and stats["accepted"] > 0
+
+
+def test_speculation_near_max_seq_len():
+    model = random_model(tiny_args(n_layers=4, max_seq_len=40))
+    for T in (30, 37, 39):  # drafts must shrink to fit the cache
+        prompt = list(range(1, T + 1))
+        plain = generate(model, prompt, 20)
+        assert len(plain) == 40 - T
+        assert generate(model, prompt, 20, draft_layers=2, num_speculations=5) == plain
+
+
+def test_speculative_sampling_keeps_the_full_models_distribution():
+    """The second new token's distribution, exact from the model, against 3000 speculative samples."""
+    torch.manual_seed(0)
+    model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
+    prompt = [1, 4, 2]
+    with torch.no_grad():
+        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
+        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
+    counts = torch.zeros(6)
+    for s in range(3000):
+        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s)
+        counts[out[1]] += 1
+    tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
+    assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+
+
+def test_sampling_is_reproducible_with_a_seed(trained, task_prompt):
+    prompt = task_prompt
+    for kw in (dict(draft_layers=2, num_speculations=3), dict(early_exit=0.5, exits=[2, 3, 4]), {}):
+        a = generate(trained, prompt, 20, temperature=1.0, top_p=0.95, seed=11, **kw)
+        assert a == generate(trained, prompt, 20, temperature=1.0, top_p=0.95, seed=11, **kw)
+        assert a != generate(trained, prompt, 20, temperature=1.0, top_p=0.95, seed=12, **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_early_exit_extremes(seed):
+    model = random_model(tiny_args(n_layers=4), seed=seed)
+    assert generate(model, PROMPT, 25, early_exit=0.0, exits=[2, 3, 4]) == generate(model, PROMPT, 25, layers=2)
+    assert generate(model, PROMPT, 25, early_exit=1.01, exits=[2, 3, 4]) == generate(model, PROMPT, 25)
+
+
+@torch.no_grad()
+def reference_early_exit(model, prompt, n, exits, threshold):
+    """Early exit by brute force: every step recomputes every layer of the whole sequence, no cache."""
+    seq, depths = list(prompt), []
+    for _ in range(n):
+        hidden = model(torch.tensor([seq]), exits=exits)
+        for e, h in zip(exits, hidden):
+            logits = model.head(h[0, -1], e)
+            if e == exits[-1] or torch.softmax(logits, -1).max() >= threshold:
+                break
+        seq.append(int(logits.argmax()))
+        depths.append(e)
+    return seq[len(prompt):], depths
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_early_exit_computes_skipped_layers_exactly(trained, task_prompt, threshold):
+    exits = [2, 3, 4]
+    stats = {}
+    out = generate(trained, task_prompt, 30, early_exit=threshold, exits=exits, stats=stats)
+    ref, depths = reference_early_exit(trained, task_prompt, 30, exits, threshold)
+    assert out == ref
+    assert stats["exit_depths"] == depths
+    assert len(set(depths)) > 1, f"exit depths {depths}: the test needs tokens leaving at different exits"
