@@ -1,0 +1,314 @@
+"""Benchmarks that print ratios measured in one run: decoding at every depth and with the sub-models'
+speed-ups, and the cost of a SoFT train step.
+
+  python bench.py                                  # both, on random LLaMA-shaped weights (dim 1024, 16 layers)
+  python bench.py --only decode --ckpt out         # the trained demo: task prompts, accuracy, speed-ups
+  python bench.py --only train                     # sorted vs sft vs transformers, 13B's shape scaled down
+  python bench.py --json bench.json --plot bench.png
+
+Decoding, batch 1, greedy, every configuration on the same weights in one process, timed in interleaved
+rounds (these machines are noisy), medians reported: plain decoding at each exit (against the ideal speed-up,
+bytes(full) / bytes(k), that the weights read per token allow), self-speculative decoding drafting with each
+exit, confidence-based early exit at a few thresholds, transformers' generate on the same weights and, where
+the installed version has it, its assistant_early_exit self-speculation. With a checkpoint trained on the
+built-in tasks the prompts are held-out tasks: each configuration's answers are checked for exact match and
+against the full model's greedy answers.
+
+Train step: forward, backward and AdamW step of --mode sorted (8 exits, like 13B's 12..40) and --mode sft on
+a model with 13B's depth and vocabulary-to-width ratio, and transformers' LlamaForCausalLM doing the same
+forward and backward, timed in interleaved rounds in one process; peak memory from a process for each.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from analyze import exact_match
+from generate import alpaca_prompt, generate, trained_exits
+from load_llama import CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer
+from model import ModelArgs, Transformer, default_exits, init_weights
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_weights(name, p.shape, args.n_layers, g))
+    return model
+
+
+def hf_model(model: Transformer, layers: int | None = None):
+    """transformers' LlamaForCausalLM holding the same weights, or None if transformers is not installed."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    layers = layers or model.args.n_layers
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.args, layers)))
+    hf.load_state_dict(hf_state_dict(model, layers), strict=True)
+    return hf
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(configs: dict, rounds: int) -> tuple[dict, dict]:
+    """(median, best) seconds of each configuration, run round-robin so that drift hits all alike."""
+    for fn in configs.values():  # warm-up
+        fn()
+    times = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, fn in configs.items():
+            times[name].append(timed(fn))
+    return ({name: statistics.median(t) for name, t in times.items()}, {name: min(t) for name, t in times.items()})
+
+
+# --- decoding
+
+def weight_bytes(model: Transformer, depth: int) -> int:
+    """Bytes of weights one decoded token reads at this depth: its blocks, the final norm and the head."""
+    blocks = sum(p.numel() * p.element_size() for p in model.layers[:depth].parameters())
+    out, norm = (model.exit_heads[str(depth)].output, model.exit_heads[str(depth)].norm) if str(depth) in model.exit_heads \
+        else (model.output, model.norm)
+    return blocks + out.weight.numel() * out.weight.element_size() + norm.weight.numel() * norm.weight.element_size()
+
+
+def decode_workload(a, model):
+    """(prompts, references, eos_id, max_new_tokens): held-out built-in tasks for a checkpoint trained on them,
+    else one random prompt and a fixed number of new tokens."""
+    if a.ckpt:
+        from analyze import held_out
+        records = held_out(a.ckpt, None, a.num_eval)
+        if records and "task" in records[0]:
+            tok = load_tokenizer(a.ckpt)
+            prompts = [tok.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
+            return prompts, [r["output"] for r in records], tok, 64
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, model.args.vocab_size, (a.prompt_len,), generator=g).tolist()], None, None, a.new_tokens
+
+
+def bench_decode(a) -> list[dict]:
+    try:
+        model = load_model(a.ckpt, dtype=torch.float32) if a.ckpt else random_model(ModelArgs(
+            dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+            max_seq_len=a.prompt_len + a.new_tokens + 8)).eval()
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    n = model.args.n_layers
+    exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
+    depths = sorted(set([int(x) for x in a.depths.split(",")] if a.depths else exits) | {n})
+    prompts, refs, tok, max_new = decode_workload(a, model)
+    eos = tok.eos_id if tok else None
+    timed_prompts = prompts[:a.num_prompts]
+
+    # every configuration: a function of the prompts returning (outputs, stats)
+    def ours(**kw):
+        def run(ps):
+            outs, stats = [], []
+            for p in ps:
+                stats.append({})
+                outs.append(generate(model, p, max_new, eos_id=eos, stats=stats[-1], **kw))
+            return outs, stats
+        return run
+
+    configs = {f"depth {d}": ours(layers=d) for d in depths}
+    for k in [d for d in depths if d < n]:
+        configs[f"self-speculative K={k}"] = ours(draft_layers=k, num_speculations=a.num_speculations)
+    for t in [float(x) for x in a.thresholds.split(",")]:
+        configs[f"early exit {t:g}"] = ours(early_exit=t, exits=exits)
+    hf = None if a.no_hf else hf_model(model)
+    if hf is not None:
+        def hf_run(**kw):
+            def run(ps):
+                outs = []
+                for p in ps:
+                    ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                                      eos_token_id=eos, **({} if eos else {"min_new_tokens": max_new}), **kw)[0, len(p):]
+                    outs.append([t for t in ids.tolist() if t != eos])
+                return outs, [{} for _ in ps]
+            return run
+        configs["HF generate"] = hf_run()
+        if hasattr(hf.generation_config, "assistant_early_exit"):  # transformers' LayerSkip-style self-speculation
+            for k in [d for d in depths if d < n]:
+                configs[f"HF assistant_early_exit={k}"] = hf_run(assistant_early_exit=k)
+
+    with torch.inference_mode():
+        results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed
+        seconds, _ = interleaved({name: (lambda fn=fn: fn(timed_prompts)) for name, fn in configs.items()}, a.rounds)
+    full_outs = results[f"depth {n}"][0]
+    new_tokens = {name: sum(len(o) for o in results[name][0][:len(timed_prompts)]) for name in configs}
+    full = new_tokens[f"depth {n}"] / seconds[f"depth {n}"]
+    args = model.args
+    print(f"\ndecoding: {a.ckpt or 'random weights'}; {n} layers, dim {args.dim}, heads "
+          f"{args.n_heads}/{args.n_kv_heads or args.n_heads}, vocab {args.vocab_size}, float32, batch 1, greedy; "
+          + (f"{len(timed_prompts)} held-out task prompts timed (accuracy on {len(prompts)})" if refs else
+             f"prompt {a.prompt_len}, {max_new} new tokens") +
+          f"; {torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds")
+    print(f"{'configuration':<28}{'tokens/s':>9}{'speed-up':>9}{'ideal':>7}{'of ideal':>9}{'accept':>8}"
+          f"{'mean exit':>10}{'= full':>7}" + (f"{'accuracy':>9}" if refs else ""))
+    rows = []
+    for name in configs:
+        outs, stats = results[name]
+        tps = new_tokens[name] / seconds[name]
+        row = dict(name=name, tokens_per_s=round(tps, 2), speedup=round(tps / full, 3),
+                   identical_to_full=outs == full_outs)
+        if name.startswith("depth"):
+            d = int(name.split()[1])
+            row["ideal"] = round(weight_bytes(model, n) / weight_bytes(model, d), 3)
+            row["of_ideal"] = round(row["speedup"] / row["ideal"], 3)
+        if "acceptance" in stats[0]:
+            row["acceptance"] = round(sum(s["accepted"] for s in stats) / max(1, sum(s["drafted"] for s in stats)), 3)
+        if "mean_exit_depth" in stats[0]:
+            depth_list = [d for s in stats for d in s.get("exit_depths", [])]
+            row["mean_exit_depth"] = round(sum(depth_list) / len(depth_list), 2)
+        if refs:
+            row["accuracy"] = round(sum(exact_match(tok.decode(o), r) for o, r in zip(outs, refs)) / len(refs), 4)
+        rows.append(row)
+        print(f"{name:<28}{tps:>9.1f}{row['speedup']:>9.2f}"
+              + (f"{row['ideal']:>7.2f}{row['of_ideal']:>9.0%}" if "ideal" in row else " " * 16)
+              + (f"{row['acceptance']:>8.0%}" if "acceptance" in row else " " * 8)
+              + (f"{row['mean_exit_depth']:>10.2f}" if "mean_exit_depth" in row else " " * 10)
+              + f"{'yes' if row['identical_to_full'] else 'no':>7}"
+              + (f"{row['accuracy']:>9.1%}" if refs else ""))
+    return rows
+
+
+# --- the train step
+
+def train_step_fn(mode: str, a):
+    """A function running one forward + backward + AdamW step of `mode` (sorted, sft or hf) on fixed data."""
+    from sorted_train import SortedObjective
+    dim = a.train_dim
+    args = ModelArgs(dim=dim, n_layers=40, n_heads=dim // 64, vocab_size=round(dim * 32000 / 5120),
+                     hidden_dim=round(dim * 13824 / 5120 / 8) * 8, max_seq_len=a.train_seq)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, args.vocab_size, (a.train_batch, a.train_seq), generator=g)
+    labels = torch.roll(tokens, -1, 1)
+    labels[:, :int(0.4 * a.train_seq)] = -100  # an Alpaca-like prompt share carries no loss
+    labels[:, -1] = -100
+    n_targets = int((labels != -100).sum())
+    model = random_model(args).train()
+    if mode == "hf":
+        model = hf_model(model).train()
+        loss = lambda: model(input_ids=tokens, labels=labels).loss  # noqa: E731
+    else:
+        objective = SortedObjective(model, "sorted")
+        exits = list(range(12, 41, 4)) if mode == "sorted" else [40]
+        loss = lambda: objective(tokens, labels, exits, [1.0] * len(exits), 1.0 / n_targets)[0]  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def train_worker(a):
+    """Peak memory of two steps of one mode, in a process of its own (ru_maxrss only grows), above the
+    memory the process held before the model was built."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step, _ = train_step_fn(a.train_worker, a)
+    step()
+    step()
+    print(json.dumps(dict(peak_mem_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)))
+
+
+def bench_train(a) -> list[dict]:
+    modes = ("sft", "sorted", "hf")
+    peak = {}
+    for mode in modes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--train_worker", mode, "--train_dim", str(a.train_dim),
+               "--train_seq", str(a.train_seq), "--train_batch", str(a.train_batch)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"error: the {mode} memory worker failed: {p.stderr.strip().splitlines()[-1]}")
+        peak[mode] = json.loads(p.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+    steps = {}
+    for mode in modes:  # all three in this process, timed in interleaved rounds
+        steps[mode], n_params = train_step_fn(mode, a)
+        steps[mode]()  # builds AdamW's state
+    seconds, best = interleaved(steps, a.rounds)
+    d = a.train_dim
+    print(f"\ntrain step: 40 layers, dim {d}, vocab {round(d * 32000 / 5120)} (13B's ratio), {n_params / 1e6:.1f}M "
+          f"parameters, batch {a.train_batch} x {a.train_seq} tokens (40% prompt), float32, forward + backward + AdamW, "
+          f"{torch.get_num_threads()} threads; time: median and best of {a.rounds} interleaved rounds; memory: peak RSS "
+          "of a process of its own, above its RSS before the model")
+    print(f"{'configuration':<38}{'s/step':>8}{'vs sft':>8}{'best':>8}{'vs sft':>8}{'peak MB':>9}{'vs sft':>8}")
+    rows = []
+    for mode, label in (("sft", "ours, --mode sft (exit 40)"), ("sorted", "ours, --mode sorted (exits 12..40)"),
+                        ("hf", "transformers LlamaForCausalLM")):
+        t, b, m = seconds[mode], best[mode], peak[mode]
+        rows.append(dict(name=label, sec_per_step=round(t, 4), time_vs_sft=round(t / seconds["sft"], 3),
+                         best_sec_per_step=round(b, 4), best_vs_sft=round(b / best["sft"], 3),
+                         peak_mem_mb=round(m, 1), mem_vs_sft=round(m / peak["sft"], 3)))
+        print(f"{label:<38}{t:>8.3f}{t / seconds['sft']:>8.2f}{b:>8.3f}{b / best['sft']:>8.2f}"
+              f"{m:>9.0f}{m / peak['sft']:>8.2f}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Decoding and train-step benchmarks.")
+    p.add_argument("--only", choices=["decode", "train"], default=None)
+    p.add_argument("--ckpt", default=None, help="checkpoint to decode with (default: random weights of the shape below)")
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--n_layers", type=int, default=16)
+    p.add_argument("--n_heads", type=int, default=16)
+    p.add_argument("--n_kv_heads", type=int, default=None)
+    p.add_argument("--vocab_size", type=int, default=32000)
+    p.add_argument("--depths", default=None, help="comma-separated (default: the default exits)")
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--num_prompts", type=int, default=48, help="task prompts timed (trained checkpoint)")
+    p.add_argument("--num_eval", type=int, default=256, help="task prompts whose answers are checked (untimed)")
+    p.add_argument("--num_speculations", type=int, default=4, help="tokens each draft proposes")
+    p.add_argument("--thresholds", default="0.5,0.8,0.9,0.95,0.99", help="early-exit confidence thresholds")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every configuration")
+    p.add_argument("--no_hf", action="store_true", help="skip transformers")
+    p.add_argument("--train_dim", type=int, default=256)
+    p.add_argument("--train_seq", type=int, default=256)
+    p.add_argument("--train_batch", type=int, default=4)
+    p.add_argument("--train_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--plot", default=None, help="draw decoding tokens/s into this PNG (needs matplotlib)")
+    a = p.parse_args(argv)
+    if a.train_worker:
+        return train_worker(a)
+    report = dict(settings=vars(a))
+    if a.only in (None, "decode"):
+        report["decode"] = bench_decode(a)
+    if a.only in (None, "train"):
+        report["train"] = bench_train(a)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if a.plot and "decode" in report:
+        plot(report["decode"], a.plot)
+
+
+def plot(rows: list[dict], path: str):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1))
+    ax.barh([r["name"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1], color="tab:blue")
+    ax.set_xlabel("tokens/s (batch 1, greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
