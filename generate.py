@@ -270,6 +270,11 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="depth of the sub-model (default: all layers)")
     p.add_argument("--compare", nargs="?", const="exits", default=None, metavar="K1,K2,...",
                    help="sample at each trained exit (or at these depths), one after another")
+    p.add_argument("--draft_layers", type=int, default=None, metavar="K",
+                   help="self-speculative decoding: the first K layers draft, the full model verifies")
+    p.add_argument("--num_speculations", type=int, default=4, metavar="N", help="tokens per draft")
+    p.add_argument("--early_exit", type=float, default=None, metavar="THRESHOLD",
+                   help="each token leaves at the first trained exit whose top probability reaches THRESHOLD")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
@@ -312,16 +317,32 @@ def run(a):
     prompt_ids = tokenizer.encode(text, bos=True)
     if len(prompt_ids) >= model.args.max_seq_len:
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's max_seq_len is {model.args.max_seq_len}")
+    speed = {}
+    if a.draft_layers is not None:
+        if not 1 <= a.draft_layers < n or a.num_speculations < 1:
+            raise ValueError(f"--draft_layers {a.draft_layers}: must be within 1..{n - 1}, --num_speculations at least 1")
+        if a.compare is not None or a.layers is not None or a.early_exit is not None:
+            raise ValueError("--draft_layers decodes with the full model: drop --layers, --compare and --early_exit")
+        speed = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations)
+        label = f"self-speculative: layers 1..{a.draft_layers} draft {a.num_speculations} tokens, {n} layers verify"
+    elif a.early_exit is not None:
+        if a.compare is not None or a.layers is not None:
+            raise ValueError("--early_exit picks the depth of each token: drop --layers and --compare")
+        speed = dict(early_exit=a.early_exit, exits=trained_exits(a.ckpt, n))
+        label = f"early exit at top probability >= {a.early_exit:g}, exits {speed['exits']}"
     print(text, end="" if a.raw else "\n")
     for depth in depths:
         for i in range(a.num_samples):
-            print(f"--- layers {depth}/{n}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
-            printer = Printer(tokenizer)
+            print(f"--- {label if speed else f'layers {depth}/{n}'}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
+            printer, stats = Printer(tokenizer), {}
             t0 = time.perf_counter()
             ids = generate(model, prompt_ids, a.max_new_tokens, layers=depth, temperature=a.temperature,
-                           top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id, seed=a.seed + i, on_token=printer)
+                           top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id, seed=a.seed + i, on_token=printer,
+                           stats=stats, **speed)
             dt = time.perf_counter() - t0
-            print(f"\n[{len(ids)} tokens in {dt:.2f} s: {len(ids) / dt:.1f} tokens/s]")
+            extra = (f", {stats['acceptance']:.0%} of drafts accepted" if "acceptance" in stats else "") + \
+                    (f", mean exit depth {stats['mean_exit_depth']:.2f}" if "mean_exit_depth" in stats else "")
+            print(f"\n[{len(ids)} tokens in {dt:.2f} s: {len(ids) / dt:.1f} tokens/s{extra}]")
 
 
 if __name__ == "__main__":

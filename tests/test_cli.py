@@ -28,6 +28,18 @@ def test_generate_streams_at_a_depth_and_compares_exits(ckpt):
     assert "layers 2/4" in out and "layers 4/4" in out  # the exits recorded in params.json
 
 
+def test_generate_speculative_and_early_exit_flags(ckpt):
+    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--draft_layers", "2", "--num_speculations", "3",
+                              "--max_new_tokens", "6")
+    assert rc == 0, err
+    assert "drafts accepted" in out
+    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--early_exit", "0.5", "--max_new_tokens", "6")
+    assert rc == 0, err
+    assert "mean exit depth" in out
+    rc, _, err = run_script("generate.py", "--ckpt", ckpt, "--draft_layers", "4")
+    assert_one_line_error(rc, err, "--draft_layers 4", "1..3")
+
+
 def test_missing_checkpoint(tmp_path):
     rc, _, err = run_script("generate.py", "--ckpt", str(tmp_path / "nope"))
     assert_one_line_error(rc, err, "no such checkpoint")
