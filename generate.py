@@ -77,12 +77,13 @@ def decode_one_token(model: Transformer, token, pos: int, depth: int):
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, layers: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int | None = None, on_token=None,
-             draft_layers: int | None = None, num_speculations: int = 4,
+             draft_layers: int | None = None, num_speculations: int = 8, draft_confidence: float = 0.5,
              early_exit: float | None = None, exits: list[int] | None = None, stats: dict | None = None) -> list[int]:
     """New token ids (without the EOS that stopped them), one of three ways:
 
     plain: the depth-`layers` sub-model (default: all layers), prefill then one token per step;
-    draft_layers=K: lossless self-speculative decoding, the first K layers drafting num_speculations tokens;
+    draft_layers=K: lossless self-speculative decoding, the first K layers drafting up to num_speculations tokens
+        (fewer where their top probability drops below draft_confidence);
     early_exit=threshold: each token leaves at the first of `exits` whose top probability reaches it.
     on_token(id) is called as tokens are produced; `stats`, if given, receives acceptance or exit depths.
     """
@@ -113,7 +114,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     try:
         if draft_layers:
             assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
-            speculate(model, prompt, draft_layers, num_speculations, pick, emit, size, stats,
+            speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size, stats,
                       (temperature, top_k, top_p, generator))
         elif early_exit is not None:
             exit_early(model, prompt, sorted(set(exits or default_exits(n)) | {n}), early_exit, pick, emit, size, stats)
@@ -129,12 +130,14 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         model.drop_cache()
 
 
-def speculate(model, prompt, K, N, pick, emit, size, stats, sampling):
-    """Self-speculative decoding: layers 1..K draft, layers K+1..L verify from the draft's hidden states.
+def speculate(model, prompt, K, N, confidence, pick, emit, size, stats, sampling):
+    """Self-speculative decoding: layers 1..K draft up to N tokens, layers K+1..L verify from their hidden states.
 
     The verifier never recomputes the first K layers: it starts from the hidden states the draft left after
     layer K, and the draft's KV entries for layers 1..K are the model's own. Rejected positions need no undo:
     their cache entries lie past the accepted length, are never read, and are overwritten by the next draft.
+    A draft stops early where its own top probability falls below `confidence`: a token it would probably get
+    wrong costs K layers and buys nothing. Where to stop depends only on the draft, so the output is unchanged.
     """
     L = model.args.n_layers
     temperature, top_k, top_p, generator = sampling
@@ -144,21 +147,24 @@ def speculate(model, prompt, K, N, pick, emit, size, stats, sampling):
     if emit(token.item()):
         return
     while True:
-        n = min(N, size - 1 - pos)  # drafts must fit in the cache
         hidden, drafts, q = [], [], []
         x = token
-        for i in range(n + 1):  # the last pass only computes the hidden state the verifier needs for drafts[-1]
+        limit = min(N, size - 1 - pos)  # drafts must fit in the cache
+        for i in range(limit + 1):
             h = model.run_layers(model.tok_embeddings(x.view(1, 1)), pos + i, 0, K)  # (1, 1, dim)
-            hidden.append(h)
-            if i == n:
+            hidden.append(h)  # the verifier continues from here, for x and for every draft before it
+            if i == limit:
                 break
-            logits = model.head(h[:, -1], K)
+            probs = logits_to_probs(model.head(h[0, -1], K), temperature or 1.0, top_k, top_p)
+            if probs.max() < confidence:  # the draft is unsure: let the full model take the next token itself
+                break
             if temperature == 0.0:
-                x = logits.argmax(-1)
+                x = probs.argmax(-1, keepdim=True)
             else:
-                q.append(logits_to_probs(logits[0], temperature, top_k, top_p))
-                x = torch.multinomial(q[-1], 1, generator=generator)
+                q.append(probs)
+                x = torch.multinomial(probs, 1, generator=generator)
             drafts.append(x.item())
+        n = len(drafts)
         h = model.run_layers(torch.cat(hidden, dim=1), pos, K, L)  # (1, n+1, dim): all drafts verified at once
         logits = model.head(h[0], L)  # (n+1, V)
         new = []
@@ -272,7 +278,9 @@ def main(argv=None):
                    help="sample at each trained exit (or at these depths), one after another")
     p.add_argument("--draft_layers", type=int, default=None, metavar="K",
                    help="self-speculative decoding: the first K layers draft, the full model verifies")
-    p.add_argument("--num_speculations", type=int, default=4, metavar="N", help="tokens per draft")
+    p.add_argument("--num_speculations", type=int, default=8, metavar="N", help="most tokens per draft")
+    p.add_argument("--draft_confidence", type=float, default=0.5,
+                   help="a draft stops where its top probability falls below this (0: always N tokens)")
     p.add_argument("--early_exit", type=float, default=None, metavar="THRESHOLD",
                    help="each token leaves at the first trained exit whose top probability reaches THRESHOLD")
     p.add_argument("--max_new_tokens", type=int, default=100)
@@ -323,7 +331,7 @@ def run(a):
             raise ValueError(f"--draft_layers {a.draft_layers}: must be within 1..{n - 1}, --num_speculations at least 1")
         if a.compare is not None or a.layers is not None or a.early_exit is not None:
             raise ValueError("--draft_layers decodes with the full model: drop --layers, --compare and --early_exit")
-        speed = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations)
+        speed = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations, draft_confidence=a.draft_confidence)
         label = f"self-speculative: layers 1..{a.draft_layers} draft {a.num_speculations} tokens, {n} layers verify"
     elif a.early_exit is not None:
         if a.compare is not None or a.layers is not None:

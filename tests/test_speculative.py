@@ -37,14 +37,16 @@ PROMPT = [1, 17, 42, 99, 7, 250, 3]
 def test_greedy_speculation_equals_plain_decoding_on_a_random_model(K, N):
     model = random_model(tiny_args(n_layers=4))
     stats = {}
-    assert generate(model, PROMPT, 30, draft_layers=K, num_speculations=N, stats=stats) == generate(model, PROMPT, 30)
+    out = generate(model, PROMPT, 30, draft_layers=K, num_speculations=N, draft_confidence=0.0, stats=stats)
+    assert out == generate(model, PROMPT, 30)
     assert stats["drafted"] > 0 and stats["acceptance"] < 0.5  # a random draft is mostly rejected, often at once
 
 
-@pytest.mark.parametrize("K,N", [(1, 2), (2, 4), (3, 8)])
-def test_greedy_speculation_equals_plain_decoding_on_a_trained_model(trained, task_prompt, K, N):
+@pytest.mark.parametrize("K,N,confidence", [(1, 2, 0.0), (2, 4, 0.0), (3, 8, 0.0), (2, 8, 0.3), (3, 8, 0.5)])
+def test_greedy_speculation_equals_plain_decoding_on_a_trained_model(trained, task_prompt, K, N, confidence):
     stats = {}
-    out = generate(trained, task_prompt, 40, draft_layers=K, num_speculations=N, eos_id=2, stats=stats)
+    out = generate(trained, task_prompt, 40, draft_layers=K, num_speculations=N, draft_confidence=confidence,
+                   eos_id=2, stats=stats)
     assert out == generate(trained, task_prompt, 40, eos_id=2)
     assert len(out) > 5 and stats["accepted"] > 0
 
@@ -55,7 +57,7 @@ def test_speculation_near_max_seq_len():
         prompt = list(range(1, T + 1))
         plain = generate(model, prompt, 20)
         assert len(plain) == 40 - T
-        assert generate(model, prompt, 20, draft_layers=2, num_speculations=5) == plain
+        assert generate(model, prompt, 20, draft_layers=2, num_speculations=5, draft_confidence=0.0) == plain
 
 
 def test_speculative_sampling_keeps_the_full_models_distribution():
@@ -68,7 +70,8 @@ def test_speculative_sampling_keeps_the_full_models_distribution():
         exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
     counts = torch.zeros(6)
     for s in range(3000):
-        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s)
+        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s,
+                       draft_confidence=0.3 if s % 2 else 0.0)  # drafting everything, or stopping when unsure
         counts[out[1]] += 1
     tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
     assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
