@@ -109,13 +109,13 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         return len(out) >= max_new_tokens
 
     prompt = torch.tensor([prompt_ids], device=device)
-    size = min(model.args.max_seq_len, T + max_new_tokens + (num_speculations if draft_layers else 0))
+    size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
     model.setup_cache(1, size)
     try:
         if draft_layers:
             assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
-            speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size, stats,
-                      (temperature, top_k, top_p, generator))
+            speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size,
+                      eos_id, stats, (temperature, top_k, top_p, generator))
         elif early_exit is not None:
             exit_early(model, prompt, sorted(set(exits or default_exits(n)) | {n}), early_exit, pick, emit, size, stats)
         else:
@@ -130,14 +130,15 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         model.drop_cache()
 
 
-def speculate(model, prompt, K, N, confidence, pick, emit, size, stats, sampling):
+def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, sampling):
     """Self-speculative decoding: layers 1..K draft up to N tokens, layers K+1..L verify from their hidden states.
 
     The verifier never recomputes the first K layers: it starts from the hidden states the draft left after
     layer K, and the draft's KV entries for layers 1..K are the model's own. Rejected positions need no undo:
     their cache entries lie past the accepted length, are never read, and are overwritten by the next draft.
-    A draft stops early where its own top probability falls below `confidence`: a token it would probably get
-    wrong costs K layers and buys nothing. Where to stop depends only on the draft, so the output is unchanged.
+    A draft stops early where its own top probability falls below `confidence` (a token it would probably get
+    wrong costs K layers and buys nothing), at EOS, and where decoding would end anyway (position `end`).
+    Where to stop depends only on the draft, so the output is unchanged.
     """
     L = model.args.n_layers
     temperature, top_k, top_p, generator = sampling
@@ -149,7 +150,7 @@ def speculate(model, prompt, K, N, confidence, pick, emit, size, stats, sampling
     while True:
         hidden, drafts, q = [], [], []
         x = token
-        limit = min(N, size - 1 - pos)  # drafts must fit in the cache
+        limit = min(N, end - 2 - pos)  # a cycle adds its drafts and one more token, all before position `end`
         for i in range(limit + 1):
             h = model.run_layers(model.tok_embeddings(x.view(1, 1)), pos + i, 0, K)  # (1, 1, dim)
             hidden.append(h)  # the verifier continues from here, for x and for every draft before it
@@ -164,28 +165,31 @@ def speculate(model, prompt, K, N, confidence, pick, emit, size, stats, sampling
                 q.append(probs)
                 x = torch.multinomial(probs, 1, generator=generator)
             drafts.append(x.item())
+            if drafts[-1] == eos_id:  # nothing follows an accepted EOS: it needs no hidden state of its own
+                break
         n = len(drafts)
-        h = model.run_layers(torch.cat(hidden, dim=1), pos, K, L)  # (1, n+1, dim): all drafts verified at once
-        logits = model.head(h[0], L)  # (n+1, V)
-        new = []
+        h = model.run_layers(torch.cat(hidden, dim=1), pos, K, L)  # (1, n+1, dim), or n after EOS: verified at once
+        logits = model.head(h[0], L)
         if temperature == 0.0:
             target = logits.argmax(-1).tolist()
-            while len(new) < n and drafts[len(new)] == target[len(new)]:
-                new.append(drafts[len(new)])
-            new.append(target[len(new)])  # the correction, or a bonus token when all drafts were accepted
+            k = 0  # drafts accepted
+            while k < n and drafts[k] == target[k]:
+                k += 1
+            # then the full model's correction, or its bonus token when every draft was accepted (none after EOS)
+            new = drafts[:k] + target[k:k + 1]
         else:  # speculative sampling (Leviathan et al. 2023): the output follows the full model's distribution
             p = logits_to_probs(logits, temperature, top_k, top_p)
-            for i, d in enumerate(drafts):
-                if torch.rand(1, generator=generator, device=p.device).item() * q[i][d] < p[i, d]:
-                    new.append(d)
-                    continue
-                residual = (p[i] - q[i]).clamp(min=0)
-                residual = residual if residual.sum() > 0 else p[i]
+            k = 0  # accept draft d with probability min(1, p(d) / q(d))
+            while k < n and torch.rand(1, generator=generator).item() * q[k][drafts[k]] < p[k, drafts[k]]:
+                k += 1
+            new = drafts[:k]
+            if k < n:  # rejected: sample from what the full model wants beyond what the draft offered
+                residual = (p[k] - q[k]).clamp(min=0)
+                residual = residual if residual.sum() > 0 else p[k]
                 new.append(torch.multinomial(residual / residual.sum(), 1, generator=generator).item())
-                break
-            else:
-                new.append(torch.multinomial(p[n], 1, generator=generator).item())
-        drafted, accepted = drafted + n, accepted + len(new) - 1
+            elif k < p.size(0):
+                new.append(torch.multinomial(p[k], 1, generator=generator).item())
+        drafted, accepted = drafted + n, accepted + k
         if stats is not None:
             stats.update(drafted=drafted, accepted=accepted, acceptance=accepted / max(drafted, 1))
         for t in new:

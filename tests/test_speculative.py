@@ -60,21 +60,55 @@ def test_speculation_near_max_seq_len():
         assert generate(model, prompt, 20, draft_layers=2, num_speculations=5, draft_confidence=0.0) == plain
 
 
-def test_speculative_sampling_keeps_the_full_models_distribution():
-    """The second new token's distribution, exact from the model, against 3000 speculative samples."""
+@pytest.mark.parametrize("eos", [None, 5])
+def test_speculative_sampling_keeps_the_full_models_distribution(eos):
+    """The second new token's distribution, exact from the model, against 3000 speculative samples. With an EOS,
+    outcome 5 stands for "stopped before a second token", so drafts that end in an accepted EOS are covered."""
     torch.manual_seed(0)
     model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
     prompt = [1, 4, 2]
     with torch.no_grad():
         p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
         exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
+        if eos is not None:  # P(stop) = P(EOS first) + P(EOS second)
+            exact = exact.clone()
+            exact[eos] = p1[eos] + sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1])[eos]
+                                       for t in range(6) if t != eos)
+            assert 0.1 < exact[eos] < 0.9  # the test needs both outcomes to be common
     counts = torch.zeros(6)
     for s in range(3000):
-        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s,
+        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s, eos_id=eos,
                        draft_confidence=0.3 if s % 2 else 0.0)  # drafting everything, or stopping when unsure
-        counts[out[1]] += 1
+        assert eos not in out
+        counts[out[1] if len(out) > 1 else eos] += 1
     tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
     assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+
+
+def test_drafts_stop_at_eos():
+    """A draft that proposes EOS goes straight to verification: no layer ever runs a position after it, nor
+    the last token that max_new_tokens allows. Layers 3 and 4 add nothing here (zero output projections), so the 2-layer draft agrees with the full model."""
+    model = random_model(tiny_args(n_layers=4))
+    with torch.no_grad():
+        for layer in model.layers[2:]:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+    plain = generate(model, PROMPT, 30)
+    eos = plain[6]
+    seen = []
+    run_layers = model.run_layers
+
+    def spy(h, start_pos, first, last):
+        seen.append(start_pos + h.size(1))
+        return run_layers(h, start_pos, first, last)
+    model.run_layers = spy
+    stats = {}
+    out = generate(model, PROMPT, 30, draft_layers=2, num_speculations=8, draft_confidence=0.0, eos_id=eos, stats=stats)
+    assert out == plain[:plain.index(eos)] and stats["acceptance"] == 1.0
+    assert max(seen) == len(PROMPT) + len(out)  # positions 0..T+len(out)-1: the prompt and the answer, not the EOS
+    seen.clear()  # nor past max_new_tokens: the last token is never fed
+    assert generate(model, PROMPT, 5, draft_layers=2, num_speculations=8, draft_confidence=0.0) == plain[:5]
+    assert max(seen) == len(PROMPT) + 4
 
 
 def test_sampling_is_reproducible_with_a_seed(trained, task_prompt):
