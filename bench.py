@@ -6,10 +6,10 @@ speed-ups, and the cost of a SoFT train step.
   python bench.py --only train                     # sorted vs sft vs transformers, 13B's shape scaled down
   python bench.py --json bench.json --plot bench.png
 
-Decoding, batch 1, greedy, every configuration on the same weights in one process, timed in interleaved
-rounds (these machines are noisy), medians reported: plain decoding at each exit (against the ideal speed-up,
-bytes(full) / bytes(k), that the weights read per token allow), self-speculative decoding drafting with each
-exit, confidence-based early exit at a few thresholds, transformers' generate on the same weights and, where
+Decoding, batch 1, greedy, every configuration on the same weights in one process, taking turns prompt by
+prompt (these machines are noisy and have slow spells), medians of rounds reported: plain decoding at each
+exit (against the ideal speed-up, bytes(full) / bytes(k), that the weights read per token allow),
+self-speculative decoding drafting with each exit, confidence-based early exit at a few thresholds, transformers' generate on the same weights and, where
 the installed version has it, its assistant_early_exit self-speculation. With a checkpoint trained on the
 built-in tasks the prompts are held-out tasks: each configuration's answers are checked for exact match and
 against the full model's greedy answers.
@@ -73,6 +73,20 @@ def interleaved(configs: dict, rounds: int) -> tuple[dict, dict]:
     return ({name: statistics.median(t) for name, t in times.items()}, {name: min(t) for name, t in times.items()})
 
 
+def interleaved_by_item(configs: dict, items: list, rounds: int) -> dict:
+    """Median over rounds of each configuration's seconds for all items, the configurations taking turns item
+    by item, in an order that rotates, so that a slow spell of the machine falls on all of them alike."""
+    names, times = list(configs), {name: [] for name in configs}
+    for _ in range(rounds):
+        total = dict.fromkeys(names, 0.0)
+        for j, item in enumerate(items):
+            for name in names[j % len(names):] + names[:j % len(names)]:
+                total[name] += timed(lambda: configs[name](item))
+        for name in names:
+            times[name].append(total[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 # --- decoding
 
 def weight_bytes(model: Transformer, depth: int) -> int:
@@ -85,7 +99,7 @@ def weight_bytes(model: Transformer, depth: int) -> int:
 
 def decode_workload(a, model):
     """(prompts, references, eos_id, max_new_tokens): held-out built-in tasks for a checkpoint trained on them,
-    else one random prompt and a fixed number of new tokens."""
+    else 4 random prompts and a fixed number of new tokens."""
     if a.ckpt:
         from analyze import held_out
         records = held_out(a.ckpt, None, a.num_eval)
@@ -94,7 +108,8 @@ def decode_workload(a, model):
             prompts = [tok.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
             return prompts, [r["output"] for r in records], tok, 64
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, model.args.vocab_size, (a.prompt_len,), generator=g).tolist()], None, None, a.new_tokens
+    prompts = torch.randint(3, model.args.vocab_size, (4, a.prompt_len), generator=g).tolist()
+    return prompts, None, None, a.new_tokens
 
 
 def bench_decode(a) -> list[dict]:
@@ -150,19 +165,20 @@ def bench_decode(a) -> list[dict]:
         long = [i for i, r in enumerate(refs) if len(tok.encode(r, bos=False)) >= 6]
         workloads = {"all tasks": workloads["all"], "long answers": long[:a.num_prompts]}
     with torch.inference_mode():
-        results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed
-        timed_fns = {(name, w): (lambda fn=fn, idx=idx: fn([prompts[i] for i in idx]))
-                     for name, fn in configs.items() for w, idx in workloads.items()}
-        seconds, _ = interleaved(timed_fns, a.rounds)
-    tps = {(name, w): sum(len(results[name][0][i]) for i in workloads[w]) / seconds[name, w] for name, w in timed_fns}
+        results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed (warm-up)
+        seconds = {}
+        for w, idx in workloads.items():
+            per_prompt = {name: (lambda i, fn=fn: fn([prompts[i]])) for name, fn in configs.items()}
+            seconds.update({(name, w): s for name, s in interleaved_by_item(per_prompt, idx, a.rounds).items()})
+    tps = {(name, w): sum(len(results[name][0][i]) for i in workloads[w]) / seconds[name, w] for name, w in seconds}
     full_outs = results[f"depth {n}"][0]
     args = model.args
     print(f"\ndecoding: {a.ckpt or 'random weights'}; {n} layers, dim {args.dim}, heads "
           f"{args.n_heads}/{args.n_kv_heads or args.n_heads}, vocab {args.vocab_size}, float32, batch 1, greedy; "
           + (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on {len(workloads['long answers'])} "
              f"with answers of 6+ tokens; answers checked on {len(prompts)}" if refs else
-             f"prompt {a.prompt_len}, {max_new} new tokens") +
-          f"; {torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds")
+             f"{len(prompts)} prompts of {a.prompt_len} tokens, {max_new} new tokens each") +
+          f"; {torch.get_num_threads()} threads, median of {a.rounds} rounds, configurations interleaved prompt by prompt")
     print(f"{'configuration':<28}" + "".join(f"{w + ' tok/s':>20}{'x':>6}" for w in workloads) +
           f"{'ideal':>7}{'of ideal':>9}{'accept':>8}{'mean exit':>10}{'= full':>7}" + (f"{'accuracy':>9}" if refs else ""))
     rows = []

@@ -1,4 +1,5 @@
 """Self-speculative decoding and early exit: lossless, exact, reproducible."""
+import json
 import os
 
 import pytest
@@ -150,3 +151,18 @@ def test_early_exit_computes_skipped_layers_exactly(trained, task_prompt, thresh
     assert out == ref
     assert stats["exit_depths"] == depths
     assert len(set(depths)) > 1, f"exit depths {depths}: the test needs tokens leaving at different exits"
+
+
+def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
+    """bench.py on the trained checkpoint: every configuration runs, the lossless ones match full depth."""
+    report = str(tmp_path / "bench.json")
+    rc, out, err = run_script("bench.py", "--only", "decode", "--ckpt", trained_dir, "--num_eval", "12",
+                              "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report)
+    assert rc == 0, err
+    rows = {r["name"]: r for r in json.load(open(report))["decode"]}
+    n = 4  # layers of the FAST model, trained exits 2, 3, 4
+    assert {"depth 2", f"depth {n}", "self-speculative K=3", "early exit 0", "HF generate"} <= set(rows)
+    for name in ("self-speculative K=2", "self-speculative K=3", "early exit 1.01", "HF generate"):
+        assert rows[name]["identical_to_full"], name
+    assert rows["early exit 1.01"]["mean_exit_depth"] == n and rows["early exit 0"]["mean_exit_depth"] < n
+    assert all(r["tokens_per_s (long answers)"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
