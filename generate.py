@@ -94,6 +94,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     if not 0 < T < model.args.max_seq_len:
         raise ValueError(f"the prompt is {T} tokens; it must be 1..{model.args.max_seq_len - 1} (max_seq_len)")
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
+    if max_new_tokens < 1:
+        return []
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -180,7 +182,7 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
         else:  # speculative sampling (Leviathan et al. 2023): the output follows the full model's distribution
             p = logits_to_probs(logits, temperature, top_k, top_p)
             k = 0  # accept draft d with probability min(1, p(d) / q(d))
-            while k < n and torch.rand(1, generator=generator).item() * q[k][drafts[k]] < p[k, drafts[k]]:
+            while k < n and torch.rand(1, generator=generator, device=p.device).item() * q[k][drafts[k]] < p[k, drafts[k]]:
                 k += 1
             new = drafts[:k]
             if k < n:  # rejected: sample from what the full model wants beyond what the draft offered

@@ -61,6 +61,14 @@ def test_speculation_near_max_seq_len():
         assert generate(model, prompt, 20, draft_layers=2, num_speculations=5, draft_confidence=0.0) == plain
 
 
+def test_every_mode_returns_nothing_for_max_new_tokens_0_and_one_token_for_1():
+    model = random_model(tiny_args(n_layers=4))
+    first = generate(model, PROMPT, 1)
+    for kw in ({}, dict(draft_layers=2, draft_confidence=0.0), dict(early_exit=1.01, exits=[2, 4])):
+        assert generate(model, PROMPT, 0, **kw) == []
+        assert generate(model, PROMPT, 1, **kw) == first and len(first) == 1
+
+
 @pytest.mark.parametrize("eos", [None, 5])
 def test_speculative_sampling_keeps_the_full_models_distribution(eos):
     """The second new token's distribution, exact from the model, against 3000 speculative samples. With an EOS,
@@ -70,12 +78,12 @@ def test_speculative_sampling_keeps_the_full_models_distribution(eos):
     prompt = [1, 4, 2]
     with torch.no_grad():
         p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
-        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
-        if eos is not None:  # P(stop) = P(EOS first) + P(EOS second)
-            exact = exact.clone()
-            exact[eos] = p1[eos] + sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1])[eos]
-                                       for t in range(6) if t != eos)
+        # P(second = j) = sum over first tokens t of p(t) p(j | t); decoding stops at a first EOS
+        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6) if t != eos)
+        if eos is not None:  # P(stop before a second token) = P(EOS first) + P(EOS second)
+            exact[eos] += p1[eos]
             assert 0.1 < exact[eos] < 0.9  # the test needs both outcomes to be common
+        assert abs(exact.sum().item() - 1) < 1e-5
     counts = torch.zeros(6)
     for s in range(3000):
         out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s, eos_id=eos,
