@@ -77,10 +77,11 @@ def interleaved_by_item(configs: dict, items: list, rounds: int) -> dict:
     """Median over rounds of each configuration's seconds for all items, the configurations taking turns item
     by item, in an order that rotates, so that a slow spell of the machine falls on all of them alike."""
     names, times = list(configs), {name: [] for name in configs}
-    for _ in range(rounds):
+    for r in range(rounds):
         total = dict.fromkeys(names, 0.0)
         for j, item in enumerate(items):
-            for name in names[j % len(names):] + names[:j % len(names)]:
+            first = (r * len(items) + j) % len(names)
+            for name in names[first:] + names[:first]:
                 total[name] += timed(lambda: configs[name](item))
         for name in names:
             times[name].append(total[name])
@@ -164,6 +165,7 @@ def bench_decode(a) -> list[dict]:
     if refs:
         long = [i for i, r in enumerate(refs) if len(tok.encode(r, bos=False)) >= 6]
         workloads = {"all tasks": workloads["all"], "long answers": long[:a.num_prompts]}
+    workloads = {w: idx for w, idx in workloads.items() if idx}  # a checkpoint whose tasks all answer short has none
     with torch.inference_mode():
         results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed (warm-up)
         seconds = {}
@@ -175,8 +177,8 @@ def bench_decode(a) -> list[dict]:
     args = model.args
     print(f"\ndecoding: {a.ckpt or 'random weights'}; {n} layers, dim {args.dim}, heads "
           f"{args.n_heads}/{args.n_kv_heads or args.n_heads}, vocab {args.vocab_size}, float32, batch 1, greedy; "
-          + (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on {len(workloads['long answers'])} "
-             f"with answers of 6+ tokens; answers checked on {len(prompts)}" if refs else
+          + (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on "
+             f"{len(workloads.get('long answers', []))} with answers of 6+ tokens; answers checked on {len(prompts)}" if refs else
              f"{len(prompts)} prompts of {a.prompt_len} tokens, {max_new} new tokens each") +
           f"; {torch.get_num_threads()} threads, median of {a.rounds} rounds, configurations interleaved prompt by prompt")
     print(f"{'configuration':<28}" + "".join(f"{w + ' tok/s':>20}{'x':>6}" for w in workloads) +
@@ -310,6 +312,9 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", default=None, help="draw decoding tokens/s into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
+    for flag in ("num_prompts", "num_eval", "rounds", "new_tokens", "prompt_len"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
     if a.train_worker:
         return train_worker(a)
     report = dict(settings=vars(a))
