@@ -173,7 +173,8 @@ def reproduce(a) -> list[str]:
     runs = [("sorted", ["--mode", "sorted"] + common), ("sft", ["--mode", "sft"] + common),
             # SFT+ICT: the SFT trunk frozen, a head per exit tuned on top (extra compute, all of it the baseline's)
             ("ict", ["--mode", "ict", "--init", os.path.join(a.reproduce, "sft"), "--max_steps", str(a.ict_steps),
-                     "--lr", "1e-3", "--warmup", "20", "--eval_interval", "0", "--save_interval", "0"])]
+                     "--lr", "1e-3", "--min_lr", "1e-4", "--beta2", "0.95", "--warmup", "20", "--eval_interval", "0",
+                     "--save_interval", "0"])]
     for name, flags in runs:
         out = os.path.join(a.reproduce, name)
         print(f"\n=== training {name}: python sorted_train.py {' '.join(flags)} --out {out}", flush=True)

@@ -225,7 +225,8 @@ def train_step_fn(mode: str, a):
     labels = torch.roll(tokens, -1, 1)
     labels[:, :int(0.4 * a.train_seq)] = -100  # an Alpaca-like prompt share carries no loss
     labels[:, -1] = -100
-    n_targets = int((labels != -100).sum())
+    positions = (labels.view(-1) != -100).nonzero().squeeze(1)
+    targets, n_targets = labels.view(-1)[positions], len(positions)
     model = random_model(args).train()
     if mode == "hf":
         model = hf_model(model).train()
@@ -233,7 +234,7 @@ def train_step_fn(mode: str, a):
     else:
         objective = SortedObjective(model, "sorted")
         exits = list(range(12, 41, 4)) if mode == "sorted" else [40]
-        loss = lambda: objective(tokens, labels, exits, [1.0] * len(exits), 1.0 / n_targets)[0]  # noqa: E731
+        loss = lambda: objective(tokens, positions, targets, exits, [1.0] * len(exits), 1.0 / n_targets)[0]  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():

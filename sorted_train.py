@@ -7,37 +7,36 @@ only (the paper's standard fine-tuning baseline); --mode ict freezes an SFT mode
 per exit (SFT+ICT, the paper's early-exit baseline).
 
   python sorted_train.py                                   # the tiny demo on built-in tasks, CPU, minutes
+  python sorted_train.py --estimate --nproc 8 --init llama-2-13b ...   # per-GPU memory, simulated here
   torchrun --nproc_per_node 8 sorted_train.py --init llama-2-13b --data alpaca_data.json
   torchrun --nproc_per_node 8 --max-restarts 1 sorted_train.py ... --resume   # a killed worker carries on
 
-Under torchrun the model is sharded with FSDP2 (fully_shard per block, then the root; NCCL on CUDA, gloo on
-CPU). On CUDA parameters are kept in float32 and computed in bfloat16, gradients reduced in float32.
+Under torchrun the model is sharded with FSDP2 (distributed.py: fully_shard per block, then the root; NCCL on
+CUDA, gloo on CPU). With --dtype bfloat16 (the default on CUDA) parameters are kept in float32 and computed in
+bfloat16, gradients reduced in float32.
 """
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import random
 import resource
-import shutil
 import string
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import distributed
+from distributed import Dist
 from generate import PROMPT_INPUT, PROMPT_NO_INPUT, alpaca_prompt
-from load_llama import (CheckpointError, Tokenizer, iter_state_dict, load_tokenizer, read_args, read_json,
-                        resolve, save_model)
+from load_llama import CheckpointError, Tokenizer, iter_state_dict, load_tokenizer, read_args, read_json, resolve
 from model import PRESETS, ModelArgs, Transformer, default_exits, init_weights
 
 
@@ -49,13 +48,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sorted fine-tuning (SoFT) of LLaMA 2.")
     g = p.add_argument_group("model")
     g.add_argument("--init", default=None, help="start from these weights (Meta, Hugging Face or our layout)")
-    g.add_argument("--model", default="tiny", choices=list(PRESETS), help="random init of this shape (without --init)")
+    g.add_argument("--model", default="tiny", choices=list(PRESETS),
+                   help="random init of this shape (without --init)")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
         g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name}")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="Alpaca JSON (a list) or JSONL of {instruction, input, output}; "
                                                 "default: the built-in tasks")
-    g.add_argument("--tokenizer", default=None, help="tokenizer.model (default: beside --init, or trained on the built-in tasks)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model (default: beside --init, or trained on the built-in tasks)")
     g.add_argument("--vocab_size", type=int, default=512, help="size of the tokenizer trained for the built-in tasks")
     g.add_argument("--max_seq_len", type=int, default=256, help="longer examples are truncated (and counted)")
     g.add_argument("--val_size", type=int, default=256, help="examples held out for validation")
@@ -64,21 +65,24 @@ def get_args(argv=None):
     g.add_argument("--mode", default="sorted", choices=["sorted", "sft", "ict"])
     g.add_argument("--exits", default=None, help="comma-separated depths, e.g. 12,16,...,40 (default: evenly spaced)")
     g.add_argument("--exit_weights", default=None, help="comma-separated loss weights, one per exit (default: all 1)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min_lr", type=float, default=None, help="end of the cosine decay (default: lr / 10)")
-    g.add_argument("--warmup", type=float, default=30, help="warmup steps, or a fraction of all steps if < 1")
+    g = p.add_argument_group("optimisation (defaults: the demo's; with --init, fine-tuning's)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3; with --init 2e-5)")
+    g.add_argument("--min_lr", type=float, default=None, help="end of the cosine decay (default lr/10; with --init 0)")
+    g.add_argument("--warmup", type=float, default=None,
+                   help="warmup steps, or a fraction of all steps if < 1 (default 30; with --init 0.03)")
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--beta2", type=float, default=None, help="AdamW's beta2 (default 0.95; with --init 0.999)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--batch_size", type=int, default=32, help="examples per micro-batch per process")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (global batch = batch x accum x world)")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per step (global batch = batch x accum x processes)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--max_steps", type=int, default=None, help="overrides --epochs")
     g.add_argument("--seed", type=int, default=1337)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out", help="checkpoints and log.jsonl go here")
-    g.add_argument("--eval_interval", type=int, default=100, help="steps between validation losses (0: only at the end)")
+    g.add_argument("--eval_interval", type=int, default=100,
+                   help="steps between validation losses (0: only at the end)")
     g.add_argument("--save_interval", type=int, default=200, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
     g = p.add_argument_group("system")
@@ -87,6 +91,13 @@ def get_args(argv=None):
                    help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU); weights stay float32")
     g.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
+    g = p.add_argument_group("memory plan (no training)")
+    g.add_argument("--estimate", action="store_true",
+                   help="simulate one step of a torchrun run of --nproc processes and print each one's peak memory")
+    g.add_argument("--nproc", type=int, default=8, help="--estimate: processes (GPUs) in the simulated run")
+    g.add_argument("--gpu_memory", type=float, default=80, help="--estimate: GiB of memory per GPU")
+    g.add_argument("--measure_memory", action="store_true",
+                   help="run that step for real (under torchrun or alone) and print its measured peak memory")
     return p.parse_args(argv)
 
 
@@ -306,6 +317,14 @@ def linear_cross_entropy(x, weight, labels, row_weights):
     return (ce * row_weights).sum(), ce
 
 
+def batch_tensors(examples, device):
+    """tokens (B, T), and the flat positions (N,) of the response tokens with the tokens they predict (N,), all
+    on device. The positions are found on the CPU, so that no boolean mask makes the GPU wait."""
+    tokens, labels = collate(examples, "cpu")
+    positions = (labels.view(-1) != -100).nonzero().squeeze(1)
+    return tokens.to(device), positions.to(device), labels.view(-1)[positions].to(device)
+
+
 class SortedObjective(nn.Module):
     """The training loss as a module, so that FSDP's root wraps every use of the shared norm and head."""
 
@@ -313,179 +332,122 @@ class SortedObjective(nn.Module):
         super().__init__()
         self.model, self.mode = model, mode
 
-    def forward(self, tokens, labels, exits: list[int], weights: list[float], scale: float):
-        """(loss, per-exit sums of token cross-entropies (E,)); loss = scale * sum_e weights[e] * CE sum at e."""
+    def forward(self, tokens, positions, targets, exits: list[int], weights: list[float], scale: float):
+        """(loss, per-exit sums of token cross-entropies (E,)); loss = scale * sum_e weights[e] * CE sum at e.
+
+        positions (N,) are the response tokens' indices in the flattened (B*T) batch and targets (N,) the tokens
+        they predict: the head never sees a prompt position.
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "ict"):  # ict: the trunk is frozen
-            hidden = self.model(tokens, exits=exits)  # E x (B, T, dim)
-        mask = labels != -100
-        y = labels[mask]  # (N,) response tokens only: the head never sees prompt positions
-        N = y.numel()
+            hidden = [h.flatten(0, 1)[positions] for h in self.model(tokens, exits=exits)]  # E x (N, dim)
+        N = targets.numel()
         if self.mode == "ict":  # a separate head per exit
-            parts = [linear_cross_entropy(self.model.exit_heads[str(e)].norm(h[mask]), self.model.exit_heads[str(e)].output.weight,
-                                          y, torch.full((N,), w * scale, device=y.device)) for e, h, w in zip(exits, hidden, weights)]
+            heads = [self.model.exit_heads[str(e)] for e in exits]
+            parts = [linear_cross_entropy(head.norm(h), head.output.weight, targets,
+                                          torch.full((N,), w * scale, device=targets.device))
+                     for head, h, w in zip(heads, hidden, weights)]
             return sum(p[0] for p in parts), torch.stack([p[1].sum() for p in parts])
-        x = torch.cat([self.model.norm(h[mask]) for h in hidden])  # (E*N, dim): every exit through the shared norm ...
-        w = torch.tensor(weights, device=y.device).repeat_interleave(N) * scale
-        loss, ce = linear_cross_entropy(x, self.model.output.weight, y.repeat(len(exits)), w)  # ... and the shared head
+        x = torch.cat([self.model.norm(h) for h in hidden])  # (E*N, dim): every exit through the shared norm ...
+        w = torch.tensor(weights, device=targets.device).repeat_interleave(N) * scale
+        loss, ce = linear_cross_entropy(x, self.model.output.weight, targets.repeat(len(exits)), w)  # ... and head
         return loss, ce.view(len(exits), N).sum(1)
 
 
-# --- distributed setup and loading weights into (possibly sharded) parameters
+def forward_backward(objective, micro, exits: list[int], weights: list[float], scale: float,
+                     autocast=contextlib.nullcontext()):
+    """Forward (under autocast) and backward over the micro-batches (tokens, positions, targets), gradients
+    adding up; returns the per-exit sums of token cross-entropies (E,).
 
-def setup_device(a):
-    """(rank, world size, device, fsdp?) — FSDP whenever launched by torchrun."""
-    cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
+    Under FSDP every backward reduce-scatters its gradients, so that a rank holds only its shard of them
+    between micro-batches, never the whole float32 gradient.
+    """
+    sums = 0
+    for tokens, positions, targets in micro:
+        with autocast:
+            loss, ce = objective(tokens, positions, targets, exits, weights, scale)
+        loss.backward()
+        sums = sums + ce.detach()
+    return sums
+
+
+# --- the model, its optimizer and the run's settings
+
+def model_args(a, vocab_size: int | None) -> ModelArgs:
+    """The shape to train: --init's, or the preset with its overrides (vocabulary: the tokenizer's)."""
+    if a.init:
+        args, _ = read_args(a.init)
+    else:
+        args = ModelArgs(**PRESETS[a.model])
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(a, name) is not None:
+                setattr(args, name, getattr(a, name))
+        args.vocab_size = vocab_size or args.vocab_size
+    args.max_seq_len = max(args.max_seq_len, a.max_seq_len)
+    if args.dim % args.n_heads or args.n_heads % (args.n_kv_heads or args.n_heads):
+        raise DataError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
+                        "dim must divide into heads and heads into kv heads")
+    return args
+
+
+def fill_defaults(a):
+    """Optimisation defaults: the demo's for random init, fine-tuning's with --init (a pretrained model would be
+    wrecked by the demo's lr 3e-3). The paper's lr (2e-5), Alpaca's warmup and decay to 0, AdamW's beta2."""
+    tuned = a.init is not None
+    a.lr = a.lr if a.lr is not None else (2e-5 if tuned else 3e-3)
+    a.min_lr = a.min_lr if a.min_lr is not None else (0.0 if tuned else a.lr / 10)
+    a.warmup = a.warmup if a.warmup is not None else (0.03 if tuned else 30)
+    a.beta2 = a.beta2 if a.beta2 is not None else (0.999 if tuned else 0.95)
+    for flag in ("batch_size", "grad_accum", "max_seq_len", "vocab_size", "nproc"):
+        if getattr(a, flag) < 1:
+            raise DataError(f"--{flag} must be at least 1")
     if a.device not in ("auto", "cuda", "cpu"):
         raise DataError(f"--device {a.device}: expected auto, cpu or cuda")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
-    if "RANK" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)  # before NCCL starts, so that each rank talks from its own GPU
-        dist.init_process_group("nccl" if cuda else "gloo")
-        return dist.get_rank(), dist.get_world_size(), device, True
-    return 0, 1, torch.device("cuda" if cuda else "cpu"), False
 
 
-def local(t):
-    """This rank's part of a (possibly sharded) tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-@torch.no_grad()
-def load_weights(model: nn.Module, tensors, where: str, optional: str = "exit_heads."):
-    """Copy full tensors (name, tensor), one at a time, into the parameters; each rank keeps only its shard.
-    Parameters under `optional` may be absent (an SFT checkpoint has no ICT heads yet)."""
-    params = dict(model.named_parameters())
-    for name, full in tensors:
-        if name not in params:
-            raise CheckpointError(f"{where}: unexpected weight {name}")
-        p = params.pop(name)
-        if tuple(full.shape) != tuple(p.shape):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
-        if isinstance(p, DTensor):  # take the local slice only, no communication
-            full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-        local(p).copy_(local(full))
-    missing = sorted(n for n in params if not n.startswith(optional))
-    if missing:
-        raise CheckpointError(f"{where}: no weights for {', '.join(missing[:3])}")
-
-
-def build_model(a, args: ModelArgs, exits, device, fsdp: bool, compute_dtype):
+def build_model(args: ModelArgs, mode: str, exits, d: Dist, compute_dtype, activation_checkpointing=False,
+                compile=False, check=True):
+    """The model on the meta device, checked to fit, sharded (distributed.shard), then given float32 memory on
+    d.device: its values come from load_weights."""
     with torch.device("meta"):
         model = Transformer(args)
-        if a.mode == "ict":
+        if mode == "ict":
             model.add_exit_heads(exits)
-    objective = SortedObjective(model, a.mode)
-    for block in model.layers:
-        if a.activation_checkpointing:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-        if a.compile:
-            block.compile()
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        for block in model.layers:  # torchtitan's order: each block, then the rest with the root
-            fully_shard(block, mp_policy=mp)
-        fully_shard(objective, mp_policy=mp)  # the root: embeddings, the shared norm and head (and ICT heads)
-    objective.to_empty(device=device)  # float32 master weights, filled in by load_weights
-    model.init_rope(device)
+    if mode == "ict":  # the trunk stays as SFT left it
+        model.requires_grad_(False)
+        model.exit_heads.requires_grad_(True)
+    if check:
+        check_memory(model, d)
+    objective = SortedObjective(model, mode)
+    distributed.shard(model, objective, d, compute_dtype, activation_checkpointing, compile)
+    objective.to_empty(device=d.device)
+    model.init_rope(d.device)
     return model, objective
 
 
-# --- checkpoints: full weights for inference, per-rank shards for an exact resume, swapped in atomically
-
-def save_checkpoint(a, step, model, opt, args, exits, tokenizer_path, rank, world, fsdp, save_dtype):
-    name = f"step_{step:07d}"
-    tmp, final = os.path.join(a.out, f".tmp_{name}"), os.path.join(a.out, name)
-    if rank == 0:
-        for stale in os.listdir(a.out):  # left by a run killed while writing
-            if stale.startswith(".tmp_step_"):
-                shutil.rmtree(os.path.join(a.out, stale), ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "train_state"))
-    barrier(fsdp)
-    # each rank: its shard of weights and AdamW moments in float32, and the RNG, for an exact resume
-    state = {}
-    for pname, p in model.named_parameters():
-        state[f"param/{pname}"] = local(p).detach()
-        if p in opt.state:
-            for k, v in opt.state[p].items():
-                state[f"{k}/{pname}"] = local(v).detach()
-    state["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["rng/cuda"] = torch.cuda.get_rng_state()
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "train_state", f"rank{rank:05d}.safetensors"))
-    # the whole model for inference, gathered one tensor at a time on rank 0
-    full = {}
-    for pname, p in model.named_parameters():
-        t = p.full_tensor() if isinstance(p, DTensor) else p
-        if rank == 0:
-            full[pname] = t.detach().to("cpu", save_dtype).clone()
-    barrier(fsdp)
-    if rank == 0:
-        extra = dict(exits=exits, mode=a.mode, step=step, world_size=world, train_config=vars(a))
-        if a.mode == "ict":
-            extra["exit_heads"] = exits
-        save_model(full, args, tmp, tokenizer_path, **extra)
-        if os.path.exists(final):  # written by a run killed before it switched `latest` over
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        link = os.path.join(a.out, "latest")
-        if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
-            os.remove(link + ".tmp")
-        os.symlink(name, link + ".tmp")
-        os.replace(link + ".tmp", link)  # the switch to the new checkpoint is this one atomic rename
-        for old in os.listdir(a.out):
-            if old.startswith("step_") and old != name:
-                shutil.rmtree(os.path.join(a.out, old), ignore_errors=True)
-    barrier(fsdp)
+def check_memory(model, d: Dist):
+    """Refuse a run whose float32 weights, gradients and AdamW moments alone overflow the device."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = (4 * n_all + 12 * n_trained) / d.world  # bytes per process, sharded by FSDP
+    if d.device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(d.device).total_memory, "GPU"
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        where = "process's share of this machine's memory"
+    if need > have:
+        raise DataError(f"{n_all / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB per process for float32 "
+                        f"weights, gradients and AdamW, more than the {have / 2**30:.0f} GiB of this {where}: "
+                        "use more GPUs with torchrun (plan it with --estimate --nproc N)")
 
 
-@torch.no_grad()
-def restore_checkpoint(ckpt: str, model, opt, rank: int, world: int) -> int:
-    params = read_json(os.path.join(ckpt, "params.json"))
-    if params.get("world_size") != world:
-        raise CheckpointError(f"{ckpt} was written by {params.get('world_size')} processes, this run has {world}: "
-                              "resume with the same number, or start anew with --init " + ckpt)
-    with safe_open(os.path.join(ckpt, "train_state", f"rank{rank:05d}.safetensors"), framework="pt") as f:
-        for pname, p in model.named_parameters():
-            local(p).copy_(f.get_tensor(f"param/{pname}"))
-            if f"step/{pname}" in f.keys():
-                opt.state[p] = {"step": f.get_tensor(f"step/{pname}")}
-                for k in ("exp_avg", "exp_avg_sq"):
-                    opt.state[p][k] = torch.zeros_like(p)
-                    local(opt.state[p][k]).copy_(f.get_tensor(f"{k}/{pname}"))
-        torch.set_rng_state(f.get_tensor("rng/cpu"))
-        if torch.cuda.is_available() and "rng/cuda" in f.keys():
-            torch.cuda.set_rng_state(f.get_tensor("rng/cuda"))
-    return params["step"]
-
-
-def barrier(fsdp: bool):
-    if fsdp:
-        dist.barrier()
-
-
-def all_reduce(t, fsdp: bool, device):
-    """Sum a small CPU tensor over ranks (NCCL only reduces tensors on the GPU)."""
-    if not fsdp:
-        return t
-    t = t.to(device)
-    dist.all_reduce(t)
-    return t.cpu()
-
-
-# --- training
-
-def get_lr(step: int, a, total: int, warmup: int) -> float:
+def get_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warmup, then cosine decay to min_lr at the last step."""
-    min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
     if step < warmup:
-        return a.lr * (step + 1) / warmup
+        return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (a.lr - min_lr) * (1 + math.cos(math.pi * progress))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def parse_exits(a, n_layers: int):
@@ -518,39 +480,41 @@ def peak_memory_gb(device) -> float:
 
 
 @torch.no_grad()
-def evaluate(objective, examples, exits, a, rank, world, fsdp, device, autocast):
+def evaluate(objective, examples, exits, batch_size: int, d: Dist, autocast):
     """Per-exit mean token cross-entropy on the held-out examples."""
     objective.eval()
     sums = torch.zeros(len(exits) + 1, dtype=torch.float64)  # per exit, then the token count
-    mine = examples[rank::world]
-    for b in range(math.ceil(math.ceil(len(examples) / world) / a.batch_size)):  # the same count on every rank
-        batch = mine[b * a.batch_size:(b + 1) * a.batch_size]
+    mine = examples[d.rank::d.world]
+    for b in range(math.ceil(math.ceil(len(examples) / d.world) / batch_size)):  # the same count on every rank
+        batch = mine[b * batch_size:(b + 1) * batch_size]
+        with autocast:  # FSDP needs every rank in every forward: one that has run out does one example, unused
+            _, ce = objective(*batch_tensors(batch or examples[:1], d.device), exits, [1.0] * len(exits), 1.0)
         if batch:
-            tokens, labels = collate(batch, device)
-            with autocast:
-                _, ce = objective(tokens, labels, exits, [1.0] * len(exits), 1.0)
             sums[:-1] += ce.double().cpu()
             sums[-1] += sum(n_targets(e) for e in batch)
-        else:  # FSDP needs every rank in every forward: run one example and discard it
-            tokens, labels = collate(examples[:1], device)
-            with autocast:
-                objective(tokens, labels, exits, [1.0] * len(exits), 1.0)
-    sums = all_reduce(sums, fsdp, device)
+    sums = d.sum(sums)
+    distributed.reshard(objective)
     objective.train()
     return (sums[:-1] / sums[-1]).tolist()
 
 
+def compute_dtype_of(flag: str, device_type: str):
+    """--dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if flag == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, flag)
+
+
+# --- training
+
 def train(a):
-    rank, world, device, fsdp = setup_device(a)
-    master = rank == 0
-    say = print if master else (lambda *_, **__: None)
+    fill_defaults(a)
+    d = distributed.setup(torch.cuda.is_available() and a.device in ("auto", "cuda"))
+    say = print if d.master else (lambda *_, **__: None)
     torch.manual_seed(a.seed)
-    if device.type == "cuda":
+    if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    compute_dtype = getattr(torch, a.dtype if a.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
-    for flag in ("batch_size", "grad_accum", "max_seq_len", "vocab_size"):
-        if getattr(a, flag) < 1:
-            raise DataError(f"--{flag} must be at least 1")
+    compute_dtype = compute_dtype_of(a.dtype, d.device.type)
     os.makedirs(a.out, exist_ok=True)
     latest = os.path.join(a.out, "latest")
     resume_from = os.path.realpath(latest) if a.resume and os.path.exists(latest) else None
@@ -566,65 +530,55 @@ def train(a):
     elif a.init and os.path.exists(os.path.join(resolve(a.init), "tokenizer.model")):
         tok_src = os.path.join(resolve(a.init), "tokenizer.model")
     elif a.data:
-        raise DataError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder holding one)")
+        raise DataError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model "
+                        "(or an --init folder holding one)")
     else:
         tok_src = None
-    if master:
+    if d.master:
         if tok_src is None:
             train_tokenizer(records, a.vocab_size, tok_path)
         elif os.path.realpath(tok_src) != os.path.realpath(tok_path):
             tokenizer = load_tokenizer(tok_src)  # fails with one line if unreadable
-            atomic_write(tok_path, open(tokenizer.path, "rb").read())
-    barrier(fsdp)
+            with open(tokenizer.path, "rb") as f:
+                atomic_write(tok_path, f.read())
+    d.barrier()
     tokenizer = load_tokenizer(tok_path)
     train_ex, truncated, dropped = tokenize(train_records, tokenizer, a.max_seq_len)
     val_ex, _, _ = tokenize(val_records, tokenizer, a.max_seq_len)
     if not train_ex:
         raise DataError("no training example has a response within --max_seq_len")
 
-    # model shape
-    if a.init:
-        args, _ = read_args(a.init)
-        if args.vocab_size != tokenizer.vocab_size:
-            raise CheckpointError(f"--init {a.init} has a vocabulary of {args.vocab_size} but the tokenizer "
-                                  f"{tok_src} has {tokenizer.vocab_size}: pass the matching --tokenizer")
-    else:
-        args = ModelArgs(**PRESETS[a.model])
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
-            if getattr(a, name) is not None:
-                setattr(args, name, getattr(a, name))
-        args.vocab_size = tokenizer.vocab_size
-    args.max_seq_len = max(args.max_seq_len, a.max_seq_len)
-    if args.dim % args.n_heads or args.n_heads % (args.n_kv_heads or args.n_heads):
-        raise DataError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
-                        "dim must divide into heads and heads into kv heads")
+    # the model, sharded, with its weights
+    args = model_args(a, tokenizer.vocab_size)
+    if a.init and args.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"--init {a.init} has a vocabulary of {args.vocab_size} but the tokenizer "
+                              f"{tok_src} has {tokenizer.vocab_size}: pass the matching --tokenizer")
     exits, exit_weights = parse_exits(a, args.n_layers)
     loss_exits, loss_weights = (exits, exit_weights) if a.mode != "sft" else ([args.n_layers], [1.0])
     if a.mode == "ict" and not a.init:
         raise DataError("--mode ict tunes exit heads on a trained model: pass --init with an SFT checkpoint")
-
-    model, objective = build_model(a, args, exits, device, fsdp, compute_dtype)
+    model, objective = build_model(args, a.mode, exits, d, compute_dtype, a.activation_checkpointing, a.compile)
     if a.init:
         layout_args, layout = read_args(a.init)
-        load_weights(model, iter_state_dict(resolve(a.init), layout_args, layout), a.init)
+        distributed.load_weights(model, iter_state_dict(resolve(a.init), layout_args, layout), a.init)
     else:
         g = torch.Generator().manual_seed(a.seed)
         shapes = [(n, p.shape) for n, p in model.named_parameters()]
-        load_weights(model, ((n, init_weights(n, s, args.n_layers, g)) for n, s in shapes), "random init")
-    if a.mode == "ict":  # the trunk stays as SFT left it; each exit head starts as a copy of the shared head
-        model.requires_grad_(False)
+        distributed.load_weights(model, ((n, init_weights(n, s, args.n_layers, g)) for n, s in shapes),
+                                 "random init")
+    if a.mode == "ict":  # each exit head starts as a copy of the shared head
         with torch.no_grad():
-            for e in exits:
-                head = model.exit_heads[str(e)]
-                head.requires_grad_(True)
-                local(head.norm.weight).copy_(local(model.norm.weight))
-                local(head.output.weight).copy_(local(model.output.weight))
+            for head in model.exit_heads.values():
+                distributed.local(head.norm.weight).copy_(distributed.local(model.norm.weight))
+                distributed.local(head.output.weight).copy_(distributed.local(model.output.weight))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
-    autocast = (torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and not fsdp and compute_dtype != torch.float32
-                else torch.autocast("cpu", enabled=False))
+    # one process has no FSDP to cast for it: autocast does, if asked
+    autocast = torch.autocast(d.device.type, dtype=compute_dtype, enabled=not d.fsdp and
+                              compute_dtype != torch.float32)
 
-    global_batch = a.batch_size * a.grad_accum * world
+    # the schedule, and where a resumed run stands in it
+    global_batch = a.batch_size * a.grad_accum * d.world
     per_epoch = len(train_ex) // global_batch
     if per_epoch == 0:
         raise DataError(f"{len(train_ex)} training examples are fewer than one global batch of {global_batch}")
@@ -632,81 +586,203 @@ def train(a):
     warmup = int(a.warmup * total) if a.warmup < 1 else int(a.warmup)
     step = 0
     if resume_from:
-        step = restore_checkpoint(resume_from, model, opt, rank, world)
+        saved = read_json(os.path.join(resume_from, "params.json"))
+        if saved.get("global_batch", global_batch) != global_batch:
+            raise DataError(f"{resume_from} was trained with a global batch of {saved['global_batch']} (batch_size x "
+                            f"grad_accum x processes), this run has {global_batch}: resume with the same global "
+                            "batch, so that every step sees the examples it would have seen")
+        distributed.restore_checkpoint(resume_from, objective, opt, d)
+        step = saved["step"]
         say(f"resuming from {resume_from} at step {step}")
     log_path = os.path.join(a.out, "log.jsonl")
-    if master:  # a resumed log continues where its checkpoint was written
-        kept = [l for l in open(log_path)] if resume_from and os.path.exists(log_path) else []
-        kept = [l for l in kept if json.loads(l)["step"] <= step]
+    if d.master:  # a resumed log continues where its checkpoint was written
+        kept = []
+        if resume_from and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(kept)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {args.n_layers} layers, dim {args.dim}, {n_params / 1e6:.1f}M parameters, vocab {args.vocab_size}; "
         f"mode {a.mode}, exits {exits}" + (f" (loss at {loss_exits})" if a.mode == "sft" else ""))
     say(f"data: {len(train_ex)} train / {len(val_ex)} val examples, {truncated} truncated and {dropped} dropped "
-        f"at max_seq_len {a.max_seq_len}; {total} steps of {global_batch} ({world} process{'es' * (world > 1)}, {device})")
+        f"at max_seq_len {a.max_seq_len}; {total} steps of {global_batch} ({d.world} process"
+        f"{'es' * (d.world > 1)}, {d.device}); lr {a.lr:g}, warmup {warmup} steps, cosine to {a.min_lr:g}")
 
     def save():
-        save_checkpoint(a, step, model, opt, args, exits, tok_path, rank, world, fsdp, compute_dtype)
+        extra = dict(exit_heads=exits) if a.mode == "ict" else {}
+        distributed.save_checkpoint(a.out, step, objective, model, opt, d, compute_dtype, tok_path, exits=exits,
+                                    mode=a.mode, world_size=d.world, global_batch=global_batch,
+                                    train_config=vars(a), **extra)
 
     def log(entry):
-        if master:
+        if d.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    pbar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=step, disable=not d.master, dynamic_ncols=True)
     while step < total:
         t0 = time.perf_counter()
-        lr = get_lr(step, a, total, warmup)
+        # learning rate: warmup, then cosine decay
+        lr = get_lr(step, a.lr, a.min_lr, warmup, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro, n_global = step_batches(train_ex, step, a, rank, world)
-        exit_sums = torch.zeros(len(loss_exits), dtype=torch.float64)
-        n_tokens = 0
-        for m, batch in enumerate(micro):
-            tokens, labels = collate(batch, device)
-            n_tokens += sum(len(ids) for ids, _ in batch)
-            if fsdp:  # reduce-scatter gradients once, after the last micro-batch
-                objective.set_requires_gradient_sync(m == len(micro) - 1)
-            with autocast:
-                # FSDP averages gradients over ranks; the loss is a mean over all target tokens of the global batch
-                loss, ce = objective(tokens, labels, loss_exits, loss_weights, world / n_global)
-            loss.backward()
-            exit_sums += ce.detach().double().cpu()
-        stats = all_reduce(torch.tensor([*exit_sums.tolist(), n_tokens], dtype=torch.float64), fsdp, device)
+        # forward and backward on this rank's micro-batches; the loss is a mean over every target token of the
+        # global batch, and FSDP averages gradients over ranks, hence the scale
+        micro, n_global = step_batches(train_ex, step, a, d.rank, d.world)
+        sums = forward_backward(objective, [batch_tensors(b, d.device) for b in micro], loss_exits, loss_weights,
+                                d.world / n_global, autocast)
+        n_tokens = sum(len(ids) for batch in micro for ids, _ in batch)
+        stats = d.sum(torch.tensor([*sums.tolist(), n_tokens], dtype=torch.float64))
         exit_loss = (stats[:-1] / n_global).tolist()
+        # clip, and stop before a non-finite gradient reaches the weights
         norm = nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         if not all(math.isfinite(x) for x in exit_loss) or not math.isfinite(norm.item()):
             pbar.close()
             raise DataError(f"non-finite loss or gradient at step {step + 1} (losses {exit_loss}); stopping without "
                             f"saving, the last checkpoint in {a.out} is intact: lower --lr or check the data")
+        # step
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # log
         dt = time.perf_counter() - t0
         losses = {str(e): round(x, 4) for e, x in zip(loss_exits, exit_loss)}
-        log(dict(step=step, loss=losses, lr=lr, sec_per_step=round(dt, 4), tokens_per_sec=round(stats[-1].item() / dt, 1),
-                 peak_mem_gb=round(peak_memory_gb(device), 3)))
+        log(dict(step=step, loss=losses, lr=lr, sec_per_step=round(dt, 4),
+                 tokens_per_sec=round(stats[-1].item() / dt, 1), peak_mem_gb=round(peak_memory_gb(d.device), 3)))
         pbar.set_postfix_str(" ".join(f"L{e} {x:.3f}" for e, x in losses.items()))
         pbar.update(1)
+        # evaluate every exit on the held-out examples
         if val_ex and (step == total or (a.eval_interval and step % a.eval_interval == 0)):
-            val = evaluate(objective, val_ex, exits, a, rank, world, fsdp, device, autocast)
+            val = evaluate(objective, val_ex, exits, a.batch_size, d, autocast)
             log(dict(step=step, val_loss={str(e): round(x, 4) for e, x in zip(exits, val)}))
-            if master:
+            if d.master:
                 pbar.write(f"step {step}: val loss " + " ".join(f"L{e} {x:.3f}" for e, x in zip(exits, val)))
+        # save
         if step == total or (a.save_interval and step % a.save_interval == 0):
             save()
     pbar.close()
-    say(f"checkpoint: {os.path.join(a.out, 'latest')} -> step_{step:07d}; try: python generate.py --ckpt {a.out} --compare")
-    if fsdp:
+    say(f"checkpoint: {os.path.join(a.out, 'latest')} -> step_{step:07d}; "
+        f"try: python generate.py --ckpt {a.out} --compare")
+    if d.fsdp:
         dist.destroy_process_group()
+
+
+# --- the memory plan: one training step, simulated for N GPUs or measured here
+
+def plan_memory(a, simulate: bool, search: bool = True):
+    """--estimate: each process's peak memory in one training step of a torchrun run of --nproc processes,
+    simulated on this machine: the trainer's own model building, sharding and step, run on fake tensors (shapes
+    without data) with a fake process group (collectives that do nothing). --measure_memory: the same step run
+    for real by this run's processes, its peak read from the allocator.
+
+    The batch is the worst case: --batch_size rows of --max_seq_len tokens, every token a target. With `search`,
+    the simulation also looks for the largest --batch_size that fits --gpu_memory.
+    """
+    fill_defaults(a)
+    if simulate:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        d, tensors = distributed.fake(a.nproc), FakeTensorMode()
+        compute_dtype = compute_dtype_of(a.dtype, "cuda")  # planning for GPUs
+    else:
+        d, tensors = distributed.setup(torch.cuda.is_available() and a.device in ("auto", "cuda")), \
+            contextlib.nullcontext()
+        compute_dtype = compute_dtype_of(a.dtype, d.device.type)
+    args = model_args(a, a.vocab_size if a.model == "tiny" else None)
+    exits, exit_weights = parse_exits(a, args.n_layers)
+    loss_exits, loss_weights = (exits, exit_weights) if a.mode != "sft" else ([args.n_layers], [1.0])
+    measured = distributed.AllocatorPeak(d.device) if not simulate else contextlib.nullcontext()
+    with tensors, measured:
+        model, objective = build_model(args, a.mode, exits, d, compute_dtype, a.activation_checkpointing,
+                                       check=not simulate)
+        if not simulate:  # real numbers, as a run would start with (no denormals or NaNs to slow the CPU)
+            g = torch.Generator().manual_seed(a.seed)
+            distributed.load_weights(model, ((n, init_weights(n, p.shape, args.n_layers, g))
+                                             for n, p in model.named_parameters()), "random init")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
+
+        def batch(B: int, T: int):
+            tokens = torch.zeros(B, T, dtype=torch.long, device=d.device)
+            return tokens, torch.arange(B * T, device=d.device), torch.zeros(B * T, dtype=torch.long, device=d.device)
+
+        def step(B: int, T: int, tracker=None):
+            def micro():  # from the second micro-batch on, each starts as the one before did: two show the peak
+                for _ in range(min(a.grad_accum, 2)):
+                    if tracker:
+                        tracker.again()
+                    yield batch(B, T)
+            forward_backward(objective, micro(), loss_exits, loss_weights, 1.0 / (B * T))
+            nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def peak(B: int) -> dict:
+            with distributed.PeakMemory(objective, opt) as tracker:
+                step(B, a.max_seq_len, tracker)
+            return tracker.peak
+
+        step(1, 8)  # AdamW makes its state in its first step; the step measured is a later one
+        result = peak(a.batch_size)
+    budget = 0.9 * a.gpu_memory * 2 ** 30  # the rest for the CUDA context, NCCL's buffers, fragmentation
+    n_params = sum(p.numel() for p in model.parameters())
+    if d.master:
+        where = (f"simulated for each of {a.nproc} processes under torchrun" if simulate else
+                 f"measured on {d.world} process{'es' * (d.world > 1)} ({d.device})")
+        size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+        print(f"memory of one training step, {where}: {args.n_layers} layers, dim {args.dim}, {size} "
+              f"parameters, float32 weights and AdamW, {str(compute_dtype).removeprefix('torch.')} compute, "
+              f"mode {a.mode}, exits {loss_exits}, batch {a.batch_size} x {a.max_seq_len} tokens (all targets) "
+              f"x {a.grad_accum} micro-batches{', activation checkpointing' if a.activation_checkpointing else ''}")
+        for kind, n in result.items():
+            print(f"  {kind:<24}{gib(n):>10}")
+    if simulate:
+        fits = result["total"] <= budget
+        print(f"{'fits' if fits else 'does not fit'} in {a.gpu_memory:g} GiB per GPU (with 10% of it left for the "
+              "CUDA context, NCCL and fragmentation)")
+    if simulate and search:
+        with tensors:
+            best, capped = largest_batch(lambda B: peak(B)["total"] <= budget, a.batch_size, fits)
+        print(f"largest --batch_size that fits: {best}{' or more' if capped else ''}" if best else
+              "no --batch_size fits: use more GPUs (--nproc), --activation_checkpointing or a shorter --max_seq_len")
+    if not simulate:
+        total = d.sum(torch.tensor([measured.peak], dtype=torch.float64)).item() / d.world
+        if d.master:
+            print(f"  {'measured (allocator)':<24}{gib(total):>10}   (mean over the processes)")
+    if d.fsdp:
+        dist.destroy_process_group()
+    return result
+
+
+def largest_batch(fits, start: int, start_fits: bool, most: int = 1024) -> tuple[int, bool]:
+    """(the largest batch size b <= most with fits(b), whether it is `most`), by doubling and then bisecting:
+    a batch that does not fit has no larger one that fits. (0, False) if none fits."""
+    lo, hi = (start, None) if start_fits else (0, start)  # fits(lo) holds (0: trivially), fits(hi) does not
+    while hi is None:
+        if 2 * lo > most:
+            return lo, True
+        if fits(2 * lo):
+            lo *= 2
+        else:
+            hi = 2 * lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, lo == most
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.1f} MiB"
 
 
 def main(argv=None):
     a = get_args(argv)
     try:
-        train(a)
+        if a.estimate or a.measure_memory:
+            plan_memory(a, simulate=a.estimate)
+        else:
+            train(a)
     except (DataError, CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
