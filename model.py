@@ -31,6 +31,13 @@ class ModelArgs:
     max_seq_len: int = 4096
     hidden_dim: int | None = None  # feed-forward width given directly (Hugging Face's intermediate_size)
 
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
     @property
     def ffn_hidden_dim(self) -> int:
         """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
@@ -61,7 +68,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x / sqrt(mean(x^2) + eps), in float32 whatever the activation dtype, then the weight, as Meta does
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
@@ -101,9 +110,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -117,16 +124,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # every key so far: (B, n_kv_heads, start_pos + T, head_dim)
+        # query i sits at position start_pos + i and sees the keys up to there: causal from position 0, a
+        # shifted triangle for a chunk on top of the cache, everything for a single new token
+        causal = start_pos == 0 and T > 1
+        mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos) \
+            if start_pos > 0 and T > 1 else None
         gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads queries shares a key
-        if self.cache is None or start_pos == 0:
-            if self.cache is not None:
-                self.cache.update(0, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
-            # query i sits at position start_pos + i and sees the keys up to there
-            mask = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -180,7 +186,7 @@ class Transformer(nn.Module):
 
     def init_rope(self, device=None):
         """(Re)compute the rotary tables; needed after building on the meta device, as they are not saved."""
-        cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta, device)
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -223,10 +229,10 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None):
         """Give every layer a KV cache for decoding (dtype and device of the weights)."""
-        w = self.output.weight
+        w, args = self.output.weight, self.args
         for layer in self.layers:
-            a = layer.attention
-            a.cache = KVCache(batch_size, max_seq_len or self.args.max_seq_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+            layer.attention.cache = KVCache(batch_size, max_seq_len or args.max_seq_len, args.n_kv_heads,
+                                            args.head_dim, w.dtype, w.device)
 
     def drop_cache(self):
         for layer in self.layers:
@@ -244,5 +250,6 @@ def init_weights(name: str, shape, n_layers: int, generator=None) -> torch.Tenso
     """A fresh float32 value for parameter `name`: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
-    std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0.02
+    residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+    std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
     return torch.empty(shape).normal_(0.0, std, generator=generator)
