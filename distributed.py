@@ -6,9 +6,11 @@ master weights and compute in bfloat16 (MixedPrecisionPolicy). The training stat
 torch.distributed.checkpoint (DCP): every rank writes its own shard, and a run saved with N processes resumes
 with M. The weights for inference are one model.safetensors in the layout load_llama.load_model reads.
 """
+import contextlib
 import json
 import os
 import pickle
+import resource
 import shutil
 import tempfile
 import warnings
@@ -44,9 +46,21 @@ class Dist:
     def master(self) -> bool:
         return self.rank == 0
 
+    def say(self, *args, **kwargs):
+        """print, on rank 0 only."""
+        if self.master:
+            print(*args, **kwargs)
+
     def barrier(self):
         if self.fsdp:
             dist.barrier()
+
+    def close(self):
+        """End the process group, once every rank is done with it: one that left while another still had a
+        collective under way could abort the other at exit."""
+        if self.fsdp:
+            dist.barrier()
+            dist.destroy_process_group()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """A small CPU tensor summed over ranks (NCCL reduces only tensors on the GPU)."""
@@ -59,6 +73,8 @@ class Dist:
 
 def setup(cuda: bool) -> Dist:
     """One process per GPU (or CPU process) under torchrun, with FSDP; a single process without it."""
+    if cuda:  # TF32 for float32 matmuls: the float32 parts of training lose nothing that matters, and run faster
+        torch.backends.cuda.matmul.allow_tf32 = True
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -69,6 +85,19 @@ def setup(cuda: bool) -> Dist:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
+
+
+def compute_dtype(flag: str, device_type: str):
+    """--dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if flag == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, flag)
+
+
+def fake_tensors():
+    """A mode in which tensors have shapes, dtypes and devices but no data: a step of a 70B model runs on a CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode()
 
 
 def fake(world: int) -> Dist:
@@ -178,9 +207,9 @@ def full_weights(model, d: Dist, dtype) -> dict:
     return full
 
 
-def save_checkpoint(out: str, step: int, root, model, opt, d: Dist, save_dtype, tokenizer_path: str, **params):
-    """out/step_NNNNNNN/: model.safetensors, params.json and tokenizer.model for inference, and train_state/
-    (DCP: each rank's shard of the float32 weights and AdamW moments).
+def save_checkpoint(out: str, step: int, root, opt, d: Dist, save_dtype, tokenizer_path: str, **params):
+    """out/step_NNNNNNN/: model.safetensors, params.json and tokenizer.model for inference (the weights of
+    root.model in save_dtype), and train_state/ (DCP: each rank's shard of the float32 weights and AdamW moments).
 
     It is written under a temporary name and flushed to disk; only then does the link out/latest switch to it,
     in one atomic rename, so that a crash at any point leaves the previous checkpoint current.
@@ -195,14 +224,12 @@ def save_checkpoint(out: str, step: int, root, model, opt, d: Dist, save_dtype, 
     d.barrier()
     model_state, optim_state = get_state_dict(root, opt)
     # every rank writes its own shard in parallel; the files are fsynced (sync_files)
-    with warnings.catch_warnings():  # DCP's notes to itself: one process saves without a process group, as it
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # should; torch 2.7's DCP still calls
-        warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # tensor.storage()
+    with quiet_dcp():
         dcp.save({"model": model_state, "optim": optim_state}, no_dist=not d.fsdp,
                  storage_writer=FileSystemWriter(os.path.join(tmp, "train_state"), sync_files=True))
-    full = full_weights(model, d, save_dtype)
+    full = full_weights(root.model, d, save_dtype)
     if d.master:
-        save_model(full, model.args, tmp, tokenizer_path, step=step, **params)
+        save_model(full, root.model.args, tmp, tokenizer_path, step=step, **params)
         for f in ("model.safetensors", "params.json", "tokenizer.model", "train_state", ""):
             sync(os.path.join(tmp, f))
         if os.path.exists(final):  # written by a run killed before it switched `latest` over
@@ -219,6 +246,16 @@ def save_checkpoint(out: str, step: int, root, model, opt, d: Dist, save_dtype, 
             if old.startswith("step_") and old != name:
                 shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     d.barrier()
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """Without DCP's notes to itself: that one process saves and loads without a process group (as it should), and
+    torch 2.7's own use of tensor.storage()."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        yield
 
 
 # the only things a DCP metadata file may name: its own record types, tensor dtypes and sizes, a path
@@ -266,11 +303,36 @@ def restore_checkpoint(ckpt: str, root, opt, d: Dist):
     # get_state_dict gives AdamW its state tensors (a step at lr 0) for DCP to load into, each this rank's shard
     model_state, optim_state = get_state_dict(root, opt)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=SafeReader(folder), no_dist=not d.fsdp)
+    with quiet_dcp():
+        dcp.load(state, storage_reader=SafeReader(folder), no_dist=not d.fsdp)
     set_state_dict(root, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-# --- memory, by kind
+# --- memory: what a run needs, what it took, by kind
+
+def check_fits(model, d: Dist):
+    """Refuse a run whose float32 weights, gradients and AdamW moments alone overflow the device."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = (4 * n_all + 12 * n_trained) / d.world  # bytes per process, sharded by FSDP
+    if d.device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(d.device).total_memory, "GPU"
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        where = "process's share of this machine's memory"
+    if need > have:
+        raise CheckpointError(f"{n_all / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB per process for "
+                              f"float32 weights, gradients and AdamW, more than the {have / 2**30:.0f} GiB of this "
+                              f"{where}: use more GPUs with torchrun (plan it with --estimate --nproc N)")
+
+
+def peak_memory_gib(device) -> float:
+    """The process's peak so far: the CUDA allocator's, or on the CPU the resident set's."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+
+
 
 MEMORY_KINDS = {  # FSDPMemTracker's categories, grouped
     "parameters": ("Sharded Param", "Unsharded Param", "Buffer"),
@@ -342,3 +404,74 @@ class AllocatorPeak:
         for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
             running += e["args"]["Bytes"]
             self.peak = max(self.peak, running)
+
+
+def largest_batch(fits, start: int, start_fits: bool, most: int = 1024) -> tuple[int, bool]:
+    """(the largest batch size b <= most with fits(b), whether it is `most`), by doubling and then bisecting:
+    a batch that does not fit has no larger one that fits. (0, False) if none fits."""
+    lo, hi = (start, None) if start_fits else (0, start)  # fits(lo) holds (0: trivially), fits(hi) does not
+    while hi is None:
+        if 2 * lo > most:
+            return lo, True
+        if fits(2 * lo):
+            lo *= 2
+        else:
+            hi = 2 * lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, lo == most
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.1f} MiB"
+
+
+def plan_memory(build, d: Dist, simulate: bool, batch_size: int, seq_len: int, grad_accum: int, gpu_memory: float,
+                title: str, search: bool = True) -> dict:
+    """Each process's peak memory in one training step, by kind; printed, and returned in bytes.
+
+    build() makes the sharded objective, its optimizer and a training step over micro-batches. simulate: the run
+    of d.world processes (a fake process group) on fake tensors, which have shapes but no data, so that a step of
+    70B runs on a CPU. Otherwise this run's own processes take the step for real, and the allocator's peak is
+    printed beside the tracker's. The batch is the worst case: every row seq_len tokens, every token a target.
+    With `search`, a simulation also finds the largest batch size that fits gpu_memory (GiB).
+    """
+    tensors = fake_tensors() if simulate else contextlib.nullcontext()
+    with tensors, (contextlib.nullcontext() if simulate else AllocatorPeak(d.device)) as measured:
+        objective, opt, step = build()
+
+        def micro(B: int, T: int, tracker=None):
+            for _ in range(min(grad_accum, 2)):  # from the second on, each starts as the one before: two show the peak
+                if tracker:
+                    tracker.again()
+                yield (torch.zeros(B, T, dtype=torch.long, device=d.device), torch.arange(B * T, device=d.device),
+                       torch.zeros(B * T, dtype=torch.long, device=d.device))
+
+        def peak(B: int) -> dict:
+            with PeakMemory(objective, opt) as tracker:
+                step(micro(B, seq_len, tracker))
+            return tracker.peak
+
+        step(micro(1, 8))  # AdamW makes its state in its first step; the step measured is a later one
+        result = peak(batch_size)
+    n_params = sum(p.numel() for p in objective.parameters())
+    d.say(f"memory of one training step, " + (f"simulated for each of {d.world} processes under torchrun" if simulate
+          else f"measured on {d.world} process{'es' * (d.world > 1)} ({d.device})") + f": {n_params / 1e6:,.1f}M "
+          f"parameters, float32 weights and AdamW, {title}")
+    for kind, n in result.items():
+        d.say(f"  {kind:<24}{gib(n):>10}")
+    if not simulate:
+        total = d.sum(torch.tensor([measured.peak], dtype=torch.float64)).item() / d.world
+        d.say(f"  {'measured (allocator)':<24}{gib(total):>10}   (mean over the processes)")
+        return result
+    budget = 0.9 * gpu_memory * 2 ** 30  # the rest for the CUDA context, NCCL's buffers, fragmentation
+    fits = result["total"] <= budget
+    print(f"{'fits' if fits else 'does not fit'} in {gpu_memory:g} GiB per GPU (with 10% of it left for the CUDA "
+          "context, NCCL and fragmentation)")
+    if search:
+        with tensors:
+            best, capped = largest_batch(lambda b: peak(b)["total"] <= budget, batch_size, fits)
+        print(f"largest --batch_size that fits: {best}{' or more' if capped else ''}" if best else "no --batch_size "
+              "fits: use more GPUs (--nproc), --activation_checkpointing or a shorter --max_seq_len")
+    return result
