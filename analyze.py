@@ -22,9 +22,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from generate import alpaca_prompt, generate
+from data import DataError, alpaca_prompt, collate, exact_match, held_out, tokenize
+from generate import generate
 from load_llama import CheckpointError, load_model, load_tokenizer, read_json, resolve
-from sorted_train import DataError, collate, dataset, get_args, tokenize
 from model import default_exits
 
 
@@ -41,21 +41,12 @@ def cosine(a, b):
     return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
-
-
 # --- one checkpoint
 
-def held_out(ckpt: str, data: str | None, limit: int) -> list[dict]:
+def held_out_of(ckpt: str, data: str | None, limit: int) -> list[dict]:
     """The validation records the trainer held out for this checkpoint (or those of --data)."""
     config = read_json(os.path.join(resolve(ckpt), "params.json")).get("train_config") or {}
-    a = get_args([])  # the trainer's defaults, then the checkpoint's own settings
-    for k, v in config.items():
-        setattr(a, k, v)
-    if data is not None:
-        a.data = data
-    return dataset(a)[1][:limit]
+    return held_out(config, data)[:limit]
 
 
 @torch.no_grad()
@@ -123,18 +114,21 @@ def analyze(ckpt: str, records: list[dict], batch_size: int = 32, log=print) -> 
 
 
 def print_table(result: dict):
-    print(f"\n{result['ckpt']} (mode {result['mode']}, step {result['step']}, {result['n_examples']} held-out examples)")
+    print(f"\n{result['ckpt']} (mode {result['mode']}, step {result['step']}, {result['n_examples']} held-out "
+          "examples)")
     has_acc = "accuracy" in result["exits"][0]
     print(f"{'exit':>5}{'val loss':>10}{'ppl':>8}{'top-1 agree':>13}{'KL(last||exit)':>16}{'cosine':>8}"
           + (f"{'accuracy':>10}" if has_acc else ""))
     for r in result["exits"]:
         print(f"{r['exit']:>5}{r['val_loss']:>10.3f}{r['ppl']:>8.2f}{r['top1_agreement']:>13.1%}"
-              f"{r['kl_last_exit']:>16.3f}{r['cosine_to_last']:>8.3f}" + (f"{r['accuracy']:>10.1%}" if has_acc else ""))
+              f"{r['kl_last_exit']:>16.3f}{r['cosine_to_last']:>8.3f}"
+              + (f"{r['accuracy']:>10.1%}" if has_acc else ""))
 
 
 def print_comparison(results: list[dict]):
     """The paper's table in miniature: per depth, accuracy and loss of each checkpoint."""
-    names = [r["mode"] if list(map(lambda x: x["mode"], results)).count(r["mode"]) == 1 else r["ckpt"] for r in results]
+    modes = [r["mode"] for r in results]
+    names = [r["mode"] if modes.count(r["mode"]) == 1 else r["ckpt"] for r in results]  # unique labels
     depths = sorted({row["exit"] for r in results for row in r["exits"]})
     print("\nper depth: exact-match accuracy / validation loss")
     print(f"{'layers':>7}" + "".join(f"{n:>22}" for n in names))
@@ -167,31 +161,31 @@ def plot(results: list[dict], path: str):
 
 # --- the reproduction in miniature
 
-def reproduce(a) -> list[str]:
+def reproduce(folder: str, steps: int, ict_steps: int) -> list[str]:
     """Train the demo model three ways on the same data and batches; returns the three checkpoint folders."""
-    common = ["--max_steps", str(a.steps), "--eval_interval", "0", "--save_interval", "0", "--seed", "1337"]
+    common = ["--max_steps", str(steps), "--eval_interval", "0", "--save_interval", "0", "--seed", "1337"]
     runs = [("sorted", ["--mode", "sorted"] + common), ("sft", ["--mode", "sft"] + common),
             # SFT+ICT: the SFT trunk frozen, a head per exit tuned on top (extra compute, all of it the baseline's)
-            ("ict", ["--mode", "ict", "--init", os.path.join(a.reproduce, "sft"), "--max_steps", str(a.ict_steps),
+            ("ict", ["--mode", "ict", "--init", os.path.join(folder, "sft"), "--max_steps", str(ict_steps),
                      "--lr", "1e-3", "--min_lr", "1e-4", "--beta2", "0.95", "--warmup", "20", "--eval_interval", "0",
                      "--save_interval", "0"])]
+    trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sorted_train.py")
     for name, flags in runs:
-        out = os.path.join(a.reproduce, name)
+        out = os.path.join(folder, name)
         print(f"\n=== training {name}: python sorted_train.py {' '.join(flags)} --out {out}", flush=True)
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sorted_train.py"),
-                            *flags, "--out", out])
-        if p.returncode:
-            raise DataError(f"training {name} failed (exit {p.returncode})")
+        if subprocess.run([sys.executable, trainer, *flags, "--out", out]).returncode:
+            raise DataError(f"training {name} failed")
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s")
-    return [os.path.join(a.reproduce, name) for name, _ in runs]
+    return [os.path.join(folder, name) for name, _ in runs]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Per-exit quality, agreement, KL and cosine of (sorted) checkpoints.")
     p.add_argument("--ckpt", default="out", help="checkpoint folder")
     p.add_argument("--vs", nargs="*", default=[], help="more checkpoints to put side by side")
-    p.add_argument("--data", default=None, help="Alpaca JSON/JSONL to evaluate on (default: the trainer's held-out split)")
+    p.add_argument("--data", default=None,
+                   help="Alpaca JSON/JSONL to evaluate on (default: the trainer's held-out split)")
     p.add_argument("--num_examples", type=int, default=256, help="held-out examples to use")
     p.add_argument("--plot", default=None, help="draw the curves into this PNG (needs matplotlib)")
     p.add_argument("--json", default=None, help="write every figure here")
@@ -209,14 +203,14 @@ def main(argv=None):
             print("note: matplotlib is not installed, so --reproduce saves no plot")
     try:
         t0 = time.perf_counter()
-        ckpts = reproduce(a) if a.reproduce else [a.ckpt] + a.vs
+        ckpts = reproduce(a.reproduce, a.steps, a.ict_steps) if a.reproduce else [a.ckpt] + a.vs
         if a.reproduce:
             a.plot = a.plot or os.path.join(a.reproduce, "compare.png")
             a.json = a.json or os.path.join(a.reproduce, "compare.json")
         results = []
         for ckpt in ckpts:
             print(f"\nanalysing {ckpt} ...", flush=True)
-            results.append(analyze(ckpt, held_out(ckpt, a.data, a.num_examples)))
+            results.append(analyze(ckpt, held_out_of(ckpt, a.data, a.num_examples)))
         for r in results:
             print_table(r)
         if len(results) > 1:

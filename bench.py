@@ -9,10 +9,10 @@ speed-ups, and the cost of a SoFT train step.
 Decoding, batch 1, greedy, every configuration on the same weights in one process, taking turns prompt by
 prompt (these machines are noisy and have slow spells), medians of rounds reported: plain decoding at each
 exit (against the ideal speed-up, bytes(full) / bytes(k), that the weights read per token allow),
-self-speculative decoding drafting with each exit, confidence-based early exit at a few thresholds, transformers' generate on the same weights and, where
-the installed version has it, its assistant_early_exit self-speculation. With a checkpoint trained on the
-built-in tasks the prompts are held-out tasks: each configuration's answers are checked for exact match and
-against the full model's greedy answers.
+self-speculative decoding drafting with each exit, confidence-based early exit at a few thresholds, transformers'
+generate on the same weights and, where the installed version has it, its assistant_early_exit self-speculation.
+With a checkpoint trained on the built-in tasks the prompts are held-out tasks: each configuration's answers are
+checked for exact match and against the full model's greedy answers.
 
 Train step: forward, backward and AdamW step of --mode sorted (8 exits, like 13B's 12..40) and --mode sft on
 a model with 13B's depth and vocabulary-to-width ratio, and transformers' LlamaForCausalLM doing the same
@@ -29,10 +29,12 @@ import time
 
 import torch
 
-from analyze import exact_match
-from generate import alpaca_prompt, generate, trained_exits
-from load_llama import CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer
+from data import DataError, alpaca_prompt, exact_match, held_out
+from generate import generate
+from load_llama import (CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer, parse_depths, read_json,
+                        resolve, trained_exits)
 from model import ModelArgs, Transformer, default_exits, init_weights
+from soft import SortedObjective
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
@@ -93,40 +95,30 @@ def interleaved_by_item(configs: dict, items: list, rounds: int) -> dict:
 def weight_bytes(model: Transformer, depth: int) -> int:
     """Bytes of weights one decoded token reads at this depth: its blocks, the final norm and the head."""
     blocks = sum(p.numel() * p.element_size() for p in model.layers[:depth].parameters())
-    out, norm = (model.exit_heads[str(depth)].output, model.exit_heads[str(depth)].norm) if str(depth) in model.exit_heads \
-        else (model.output, model.norm)
-    return blocks + out.weight.numel() * out.weight.element_size() + norm.weight.numel() * norm.weight.element_size()
+    head = model.exit_heads[str(depth)] if str(depth) in model.exit_heads else model
+    return blocks + sum(p.numel() * p.element_size() for p in (head.norm.weight, head.output.weight))
 
 
-def decode_workload(a, model):
-    """(prompts, references, eos_id, max_new_tokens): held-out built-in tasks for a checkpoint trained on them,
+def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_len: int, new_tokens: int):
+    """(prompts, references, tokenizer, max_new_tokens): held-out built-in tasks for a checkpoint trained on them,
     else 4 random prompts and a fixed number of new tokens."""
-    if a.ckpt:
-        from analyze import held_out
-        records = held_out(a.ckpt, None, a.num_eval)
+    if ckpt:
+        config = read_json(os.path.join(resolve(ckpt), "params.json")).get("train_config") or {}
+        records = held_out(config)[:num_eval]
         if records and "task" in records[0]:
-            tok = load_tokenizer(a.ckpt)
+            tok = load_tokenizer(ckpt)
             prompts = [tok.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
             return prompts, [r["output"] for r in records], tok, 64
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, model.args.vocab_size, (4, a.prompt_len), generator=g).tolist()
-    return prompts, None, None, a.new_tokens
+    prompts = torch.randint(3, model.args.vocab_size, (4, prompt_len), generator=g).tolist()
+    return prompts, None, None, new_tokens
 
 
-def bench_decode(a) -> list[dict]:
-    try:
-        model = load_model(a.ckpt, dtype=torch.float32) if a.ckpt else random_model(ModelArgs(
-            dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
-            max_seq_len=a.prompt_len + a.new_tokens + 8)).eval()
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num_speculations: int,
+                   draft_confidence: float, thresholds: list[float], with_hf: bool) -> dict:
+    """Every configuration to time, by name: a function of a list of prompts returning (outputs, stats)."""
     n = model.args.n_layers
-    exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
-    depths = sorted(set([int(x) for x in a.depths.split(",")] if a.depths else exits) | {n})
-    prompts, refs, tok, max_new = decode_workload(a, model)
-    eos = tok.eos_id if tok else None
 
-    # every configuration: a function of the prompts returning (outputs, stats)
     def ours(**kw):
         def run(ps):
             outs, stats = [], []
@@ -137,52 +129,57 @@ def bench_decode(a) -> list[dict]:
         return run
 
     configs = {f"depth {d}": ours(layers=d) for d in depths}
-    speculate = a.ckpt is not None  # a random model's exits disagree with its last layer: nothing to measure
     for k in [d for d in depths if d < n and speculate]:
-        configs[f"self-speculative K={k}"] = ours(draft_layers=k, num_speculations=a.num_speculations,
-                                                  draft_confidence=a.draft_confidence)
-    for t in [float(x) for x in a.thresholds.split(",")] if speculate else []:
+        configs[f"self-speculative K={k}"] = ours(draft_layers=k, num_speculations=num_speculations,
+                                                  draft_confidence=draft_confidence)
+    for t in thresholds if speculate else []:
         configs[f"early exit {t:g}"] = ours(early_exit=t, exits=exits)
-    hf = None if a.no_hf else hf_model(model)
+    hf = hf_model(model) if with_hf else None
     if hf is not None:
         def hf_run(**kw):
             def run(ps):
                 outs = []
                 for p in ps:
                     ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
-                                      eos_token_id=eos, **({} if eos else {"min_new_tokens": max_new}), **kw)[0, len(p):]
-                    outs.append([t for t in ids.tolist() if t != eos])
+                                      eos_token_id=eos, **({} if eos else {"min_new_tokens": max_new}), **kw)
+                    outs.append([t for t in ids[0, len(p):].tolist() if t != eos])
                 return outs, [{} for _ in ps]
             return run
         configs["HF generate"] = hf_run()
         if hasattr(hf.generation_config, "assistant_early_exit"):  # transformers' LayerSkip-style self-speculation
             for k in [d for d in depths if d < n and speculate]:
                 configs[f"HF assistant_early_exit={k}"] = hf_run(assistant_early_exit=k)
+    return configs
 
+
+def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: int, num_prompts: int) -> list[dict]:
+    """Time every configuration on the prompts, check its answers, print the table; the rows."""
+    n = model.args.n_layers
     # timed workloads: the held-out mix, and (trained checkpoint) the prompts whose answers are long, where
     # decoding rather than the prompt's prefill takes the time
-    workloads = {"all": list(range(len(prompts)))[:a.num_prompts]}  # indices into prompts
+    workloads = {"all": list(range(len(prompts)))[:num_prompts]}  # indices into prompts
     if refs:
         long = [i for i, r in enumerate(refs) if len(tok.encode(r, bos=False)) >= 6]
-        workloads = {"all tasks": workloads["all"], "long answers": long[:a.num_prompts]}
+        workloads = {"all tasks": workloads["all"], "long answers": long[:num_prompts]}
     workloads = {w: idx for w, idx in workloads.items() if idx}  # a checkpoint whose tasks all answer short has none
     with torch.inference_mode():
         results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed (warm-up)
         seconds = {}
         for w, idx in workloads.items():
             per_prompt = {name: (lambda i, fn=fn: fn([prompts[i]])) for name, fn in configs.items()}
-            seconds.update({(name, w): s for name, s in interleaved_by_item(per_prompt, idx, a.rounds).items()})
+            seconds.update({(name, w): s for name, s in interleaved_by_item(per_prompt, idx, rounds).items()})
     tps = {(name, w): sum(len(results[name][0][i]) for i in workloads[w]) / seconds[name, w] for name, w in seconds}
-    full_outs = results[f"depth {n}"][0]
-    args = model.args
-    print(f"\ndecoding: {a.ckpt or 'random weights'}; {n} layers, dim {args.dim}, heads "
-          f"{args.n_heads}/{args.n_kv_heads or args.n_heads}, vocab {args.vocab_size}, float32, batch 1, greedy; "
-          + (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on "
-             f"{len(workloads.get('long answers', []))} with answers of 6+ tokens; answers checked on {len(prompts)}" if refs else
-             f"{len(prompts)} prompts of {a.prompt_len} tokens, {max_new} new tokens each") +
-          f"; {torch.get_num_threads()} threads, median of {a.rounds} rounds, configurations interleaved prompt by prompt")
-    print(f"{'configuration':<28}" + "".join(f"{w + ' tok/s':>20}{'x':>6}" for w in workloads) +
-          f"{'ideal':>7}{'of ideal':>9}{'accept':>8}{'mean exit':>10}{'= full':>7}" + (f"{'accuracy':>9}" if refs else ""))
+    full_outs, args = results[f"depth {n}"][0], model.args
+    timed_on = (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on "
+                f"{len(workloads.get('long answers', []))} with answers of 6+ tokens; answers checked on "
+                f"{len(prompts)}" if refs else
+                f"{len(prompts)} prompts of {len(prompts[0])} tokens, {len(full_outs[0])} new tokens each")
+    print(f"\ndecoding: {label}; {n} layers, dim {args.dim}, heads {args.n_heads}/{args.n_kv_heads}, vocab "
+          f"{args.vocab_size}, float32, batch 1, greedy; {timed_on}; {torch.get_num_threads()} threads, median of "
+          f"{rounds} rounds, configurations interleaved prompt by prompt")
+    print(f"{'configuration':<28}" + "".join(f"{w + ' tok/s':>20}{'x':>6}" for w in workloads)
+          + f"{'ideal':>7}{'of ideal':>9}{'accept':>8}{'mean exit':>10}{'= full':>7}"
+          + (f"{'accuracy':>9}" if refs else ""))
     rows = []
     last = list(workloads)[-1]  # the decoding-bound workload, for the comparison with the ideal
     for name in configs:
@@ -203,7 +200,8 @@ def bench_decode(a) -> list[dict]:
         if refs:
             row["accuracy"] = round(sum(exact_match(tok.decode(o), r) for o, r in zip(outs, refs)) / len(refs), 4)
         rows.append(row)
-        print(f"{name:<28}" + "".join(f"{row[f'tokens_per_s ({w})']:>20.1f}{row[f'speedup ({w})']:>6.2f}" for w in workloads)
+        print(f"{name:<28}"
+              + "".join(f"{row[f'tokens_per_s ({w})']:>20.1f}{row[f'speedup ({w})']:>6.2f}" for w in workloads)
               + (f"{row['ideal']:>7.2f}{row['of_ideal']:>9.0%}" if "ideal" in row else " " * 16)
               + (f"{row['acceptance']:>8.0%}" if "acceptance" in row else " " * 8)
               + (f"{row['mean_exit_depth']:>10.2f}" if "mean_exit_depth" in row else " " * 10)
@@ -214,27 +212,29 @@ def bench_decode(a) -> list[dict]:
 
 # --- the train step
 
-def train_step_fn(mode: str, a):
+def train_step_fn(mode: str, dim: int, seq: int, batch: int):
     """A function running one forward + backward + AdamW step of `mode` (sorted, sft or hf) on fixed data."""
-    from sorted_train import SortedObjective
-    dim = a.train_dim
     args = ModelArgs(dim=dim, n_layers=40, n_heads=dim // 64, vocab_size=round(dim * 32000 / 5120),
-                     hidden_dim=round(dim * 13824 / 5120 / 8) * 8, max_seq_len=a.train_seq)
+                     hidden_dim=round(dim * 13824 / 5120 / 8) * 8, max_seq_len=seq)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, args.vocab_size, (a.train_batch, a.train_seq), generator=g)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
     labels = torch.roll(tokens, -1, 1)
-    labels[:, :int(0.4 * a.train_seq)] = -100  # an Alpaca-like prompt share carries no loss
+    labels[:, :int(0.4 * seq)] = -100  # an Alpaca-like prompt share carries no loss
     labels[:, -1] = -100
     positions = (labels.view(-1) != -100).nonzero().squeeze(1)
     targets, n_targets = labels.view(-1)[positions], len(positions)
     model = random_model(args).train()
     if mode == "hf":
         model = hf_model(model).train()
-        loss = lambda: model(input_ids=tokens, labels=labels).loss  # noqa: E731
+
+        def loss():
+            return model(input_ids=tokens, labels=labels).loss
     else:
         objective = SortedObjective(model, "sorted")
         exits = list(range(12, 41, 4)) if mode == "sorted" else [40]
-        loss = lambda: objective(tokens, positions, targets, exits, [1.0] * len(exits), 1.0 / n_targets)[0]  # noqa: E731
+
+        def loss():
+            return objective(tokens, positions, targets, exits, [1.0] * len(exits), 1.0 / n_targets)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -244,35 +244,34 @@ def train_step_fn(mode: str, a):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def train_worker(a):
+def train_worker(mode: str, dim: int, seq: int, batch: int):
     """Peak memory of two steps of one mode, in a process of its own (ru_maxrss only grows), above the
     memory the process held before the model was built."""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step, _ = train_step_fn(a.train_worker, a)
+    step, _ = train_step_fn(mode, dim, seq, batch)
     step()
     step()
     print(json.dumps(dict(peak_mem_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)))
 
 
-def bench_train(a) -> list[dict]:
+def bench_train(dim: int, seq: int, batch: int, rounds: int) -> list[dict]:
     modes = ("sft", "sorted", "hf")
     peak = {}
     for mode in modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--train_worker", mode, "--train_dim", str(a.train_dim),
-               "--train_seq", str(a.train_seq), "--train_batch", str(a.train_batch)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--train_worker", mode, "--train_dim", str(dim),
+               "--train_seq", str(seq), "--train_batch", str(batch)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode:
-            raise SystemExit(f"error: the {mode} memory worker failed: {p.stderr.strip().splitlines()[-1]}")
+            raise DataError(f"the {mode} memory worker failed: {p.stderr.strip().splitlines()[-1]}")
         peak[mode] = json.loads(p.stdout.strip().splitlines()[-1])["peak_mem_mb"]
     steps = {}
     for mode in modes:  # all three in this process, timed in interleaved rounds
-        steps[mode], n_params = train_step_fn(mode, a)
+        steps[mode], n_params = train_step_fn(mode, dim, seq, batch)
         steps[mode]()  # builds AdamW's state
-    seconds, best = interleaved(steps, a.rounds)
-    d = a.train_dim
-    print(f"\ntrain step: 40 layers, dim {d}, vocab {round(d * 32000 / 5120)} (13B's ratio), {n_params / 1e6:.1f}M "
-          f"parameters, batch {a.train_batch} x {a.train_seq} tokens (40% prompt), float32, forward + backward + AdamW, "
-          f"{torch.get_num_threads()} threads; time: median and best of {a.rounds} interleaved rounds; memory: peak RSS "
+    seconds, best = interleaved(steps, rounds)
+    print(f"\ntrain step: 40 layers, dim {dim}, vocab {round(dim * 32000 / 5120)} (13B's ratio), {n_params / 1e6:.1f}M "
+          f"parameters, batch {batch} x {seq} tokens (40% prompt), float32, forward + backward + AdamW, "
+          f"{torch.get_num_threads()} threads; time: median and best of {rounds} interleaved rounds; memory: peak RSS "
           "of a process of its own, above its RSS before the model")
     print(f"{'configuration':<38}{'s/step':>8}{'vs sft':>8}{'best':>8}{'vs sft':>8}{'peak MB':>9}{'vs sft':>8}")
     rows = []
@@ -290,7 +289,8 @@ def bench_train(a) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Decoding and train-step benchmarks.")
     p.add_argument("--only", choices=["decode", "train"], default=None)
-    p.add_argument("--ckpt", default=None, help="checkpoint to decode with (default: random weights of the shape below)")
+    p.add_argument("--ckpt", default=None,
+                   help="checkpoint to decode with (default: random weights of the shape below)")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--n_layers", type=int, default=16)
     p.add_argument("--n_heads", type=int, default=16)
@@ -313,16 +313,36 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", default=None, help="draw decoding tokens/s into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
-    for flag in ("num_prompts", "num_eval", "rounds", "new_tokens", "prompt_len"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
     if a.train_worker:
-        return train_worker(a)
+        return train_worker(a.train_worker, a.train_dim, a.train_seq, a.train_batch)
     report = dict(settings=vars(a))
-    if a.only in (None, "decode"):
-        report["decode"] = bench_decode(a)
-    if a.only in (None, "train"):
-        report["train"] = bench_train(a)
+    try:
+        for flag in ("num_prompts", "num_eval", "rounds", "new_tokens", "prompt_len"):
+            if getattr(a, flag) < 1:
+                raise DataError(f"--{flag} must be at least 1")
+        try:
+            thresholds = [float(x) for x in a.thresholds.split(",")]
+        except ValueError:
+            raise DataError(f"--thresholds {a.thresholds!r}: expected comma-separated numbers")
+        if a.plot:
+            import_matplotlib()
+        if a.only in (None, "decode"):
+            model = load_model(a.ckpt, dtype=torch.float32) if a.ckpt else random_model(ModelArgs(
+                dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+                max_seq_len=a.prompt_len + a.new_tokens + 8)).eval()
+            n = model.args.n_layers
+            exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
+            depths = sorted(set(parse_depths(a.depths, n, "--depths") if a.depths else exits) | {n})
+            prompts, refs, tok, max_new = decode_workload(a.ckpt, model, a.num_eval, a.prompt_len, a.new_tokens)
+            # a random model's exits disagree with its last layer: drafts and early exits have nothing to show
+            configs = decode_configs(model, depths, exits, max_new, tok.eos_id if tok else None, a.ckpt is not None,
+                                     a.num_speculations, a.draft_confidence, thresholds, not a.no_hf)
+            report["decode"] = bench_decode(model, a.ckpt or "random weights", configs, prompts, refs, tok, a.rounds,
+                                            a.num_prompts)
+        if a.only in (None, "train"):
+            report["train"] = bench_train(a.train_dim, a.train_seq, a.train_batch, a.rounds)
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -330,13 +350,18 @@ def main(argv=None):
         plot(report["decode"], a.plot)
 
 
-def plot(rows: list[dict], path: str):
+def import_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+        raise DataError("--plot needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(rows: list[dict], path: str):
+    plt = import_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1))
     key = [k for k in rows[0] if k.startswith("tokens_per_s")][-1]
     ax.barh([r["name"] for r in rows][::-1], [r[key] for r in rows][::-1], color="tab:blue")

@@ -4,8 +4,9 @@
   python generate.py --compare                     # the same prompt at every trained exit, with tokens/s
   python generate.py --ckpt llama-2-13b --tokenizer tokenizer.model --layers 20 --prompt "..."
 
-Decoding uses a static KV cache: the prompt is prefilled in one pass, then one token per step (gpt-fast's
-prefill / decode_one_token / generate split). Prompts are wrapped in the Stanford Alpaca template unless --raw.
+Decoding uses a static KV cache: the prompt is prefilled in one pass, then one token per step, the same function
+for both (gpt-fast's prefill / decode split). Prompts are wrapped in the Stanford Alpaca template (data.py) unless
+--raw.
 """
 import argparse
 import os
@@ -15,21 +16,9 @@ from functools import partial
 
 import torch
 
-from load_llama import CheckpointError, check_vocab, load_model, load_tokenizer, read_json, resolve
+from data import DataError, alpaca_prompt
+from load_llama import CheckpointError, check_vocab, load_model, load_tokenizer, parse_depths, trained_exits
 from model import Transformer, default_exits
-
-# --- the Stanford Alpaca prompt template (github.com/tatsu-lab/stanford_alpaca), used for training too
-
-PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.\n\n"
-                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.\n\n"
-                   "### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    return (PROMPT_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
 
 
 # --- sampling: pure functions of the logits
@@ -61,15 +50,10 @@ def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=N
 
 # --- decoding with the KV cache
 
-def prefill(model: Transformer, tokens, depth: int):
-    """Run the prompt (1, T) through the first `depth` layers, filling the cache; last position's logits (1, V)."""
-    h = model.run_layers(model.tok_embeddings(tokens), 0, 0, depth)
-    return model.head(h[:, -1], depth)
-
-
-def decode_one_token(model: Transformer, token, pos: int, depth: int):
-    """Feed one token (1, 1) at position pos; logits (1, V) for the next one."""
-    h = model.run_layers(model.tok_embeddings(token), pos, 0, depth)
+def next_logits(model: Transformer, tokens, pos: int, depth: int):
+    """Feed tokens (1, T) at positions pos.. through the first `depth` layers, which write their keys and values
+    to the cache: the prompt at 0 (prefill), then one token at a time (decode). Logits (1, V) of the last one."""
+    h = model.run_layers(model.tok_embeddings(tokens), pos, 0, depth)
     return model.head(h[:, -1], depth)
 
 
@@ -121,12 +105,12 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         elif early_exit is not None:
             exit_early(model, prompt, sorted(set(exits or default_exits(n)) | {n}), early_exit, pick, emit, size, stats)
         else:
-            logits = prefill(model, prompt, depth)
+            logits = next_logits(model, prompt, 0, depth)
             for pos in range(T, T + max_new_tokens):
                 token = pick(logits)  # (1,)
                 if emit(token.item()):
                     break
-                logits = decode_one_token(model, token.view(1, 1), pos, depth)
+                logits = next_logits(model, token.view(1, 1), pos, depth)
         return out
     finally:
         model.drop_cache()
@@ -144,7 +128,7 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
     """
     L = model.args.n_layers
     temperature, top_k, top_p, generator = sampling
-    token = pick(prefill(model, prompt, L))
+    token = pick(next_logits(model, prompt, 0, L))
     pos = prompt.size(1)  # position of `token`, which no layer has seen yet
     drafted = accepted = 0
     if emit(token.item()):
@@ -181,8 +165,9 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
             new = drafts[:k] + target[k:k + 1]
         else:  # speculative sampling (Leviathan et al. 2023): the output follows the full model's distribution
             p = logits_to_probs(logits, temperature, top_k, top_p)
-            k = 0  # accept draft d with probability min(1, p(d) / q(d))
-            while k < n and torch.rand(1, generator=generator, device=p.device).item() * q[k][drafts[k]] < p[k, drafts[k]]:
+            k = 0  # accept draft d with probability min(1, p(d) / q(d)): u * q(d) < p(d) for u uniform in [0, 1)
+            while k < n and torch.rand(1, generator=generator, device=p.device).item() * q[k][drafts[k]] < \
+                    p[k, drafts[k]]:
                 k += 1
             new = drafts[:k]
             if k < n:  # rejected: sample from what the full model wants beyond what the draft offered
@@ -241,24 +226,6 @@ def exit_early(model, prompt, exits, threshold, pick, emit, size, stats):
 
 # --- command line
 
-def parse_depths(text: str, n_layers: int, flag: str) -> list[int]:
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CheckpointError(f"{flag} {text!r}: expected comma-separated layer counts such as 4,8")
-    for d in depths:
-        if not 1 <= d <= n_layers:
-            raise CheckpointError(f"{flag}: depth {d} is outside 1..{n_layers} (the model has {n_layers} layers)")
-    return depths
-
-
-def trained_exits(ckpt: str, n_layers: int) -> list[int]:
-    """The exits recorded in our params.json, else the default evenly spaced set."""
-    params = os.path.join(resolve(ckpt), "params.json")
-    exits = read_json(params).get("exits") if os.path.exists(params) else None
-    return list(exits) if exits else default_exits(n_layers)
-
-
 class Printer:
     """Streams decoded text: sentencepiece joins pieces, so print what the whole decode gained."""
 
@@ -272,9 +239,10 @@ class Printer:
         self.shown = text
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from any depth of a sorted LLaMA 2.")
-    p.add_argument("--ckpt", default="out", help="checkpoint folder: ours (default: the trainer's out/), Meta's or HF's")
+    p.add_argument("--ckpt", default="out",
+                   help="checkpoint folder: ours (default: the trainer's out/), Meta's or HF's")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the checkpoint folder)")
     p.add_argument("--prompt", default="Sort the digits in increasing order.", help="the instruction")
     p.add_argument("--input", default="7 2 9 4 1", help="Alpaca's optional input field ('' for none)")
@@ -298,56 +266,66 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 elsewhere")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype checked: bfloat16 on CUDA and float32 elsewhere unless --dtype says."""
     try:
-        run(a)
-    except (CheckpointError, ValueError) as e:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DataError(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: CUDA is not available here")
+    return dev, getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+
+
+def main(argv=None):
+    a = get_args(argv)
+    try:
+        if a.max_new_tokens < 1 or a.num_samples < 1 or a.temperature < 0:
+            raise DataError("--max_new_tokens and --num_samples must be at least 1, --temperature at least 0")
+        if a.top_p is not None and not 0 < a.top_p <= 1:
+            raise DataError(f"--top_p {a.top_p}: must be in (0, 1]")
+        if a.top_k is not None and a.top_k < 1:
+            raise DataError(f"--top_k {a.top_k}: must be at least 1")
+        device, dtype = device_and_dtype(a.device, a.dtype)
+        model = load_model(a.ckpt, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(a.tokenizer or a.ckpt)
+        check_vocab(model, tokenizer, a.ckpt)
+        n = model.args.n_layers
+        if a.compare is not None:
+            depths = trained_exits(a.ckpt, n) if a.compare == "exits" else parse_depths(a.compare, n, "--compare")
+        else:
+            depths = parse_depths(str(a.layers), n, "--layers") if a.layers is not None else [n]
+        text = a.prompt if a.raw else alpaca_prompt(a.prompt, a.input)
+        prompt_ids = tokenizer.encode(text, bos=True)
+        if len(prompt_ids) >= model.args.max_seq_len:
+            raise DataError(f"the prompt is {len(prompt_ids)} tokens but the model's max_seq_len is "
+                            f"{model.args.max_seq_len}")
+        speed, label = {}, None  # a faster way to decode with the full model, and how to name it
+        if a.draft_layers is not None:
+            if not 1 <= a.draft_layers < n or a.num_speculations < 1:
+                raise DataError(f"--draft_layers {a.draft_layers}: must be within 1..{n - 1}, --num_speculations "
+                                "at least 1")
+            if a.compare is not None or a.layers is not None or a.early_exit is not None:
+                raise DataError("--draft_layers decodes with the full model: drop --layers, --compare and "
+                                "--early_exit")
+            speed = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations,
+                         draft_confidence=a.draft_confidence)
+            label = f"self-speculative: layers 1..{a.draft_layers} draft {a.num_speculations} tokens, {n} layers verify"
+        elif a.early_exit is not None:
+            if a.compare is not None or a.layers is not None:
+                raise DataError("--early_exit picks the depth of each token: drop --layers and --compare")
+            speed = dict(early_exit=a.early_exit, exits=trained_exits(a.ckpt, n))
+            label = f"early exit at top probability >= {a.early_exit:g}, exits {speed['exits']}"
+    except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
 
-
-def run(a):
-    if a.max_new_tokens < 1 or a.num_samples < 1 or a.temperature < 0:
-        raise ValueError("--max_new_tokens and --num_samples must be at least 1, --temperature at least 0")
-    if a.top_p is not None and not 0 < a.top_p <= 1:
-        raise ValueError(f"--top_p {a.top_p}: must be in (0, 1]")
-    if a.top_k is not None and a.top_k < 1:
-        raise ValueError(f"--top_k {a.top_k}: must be at least 1")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        raise ValueError(f"--device {a.device}: not a device name (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {a.device}: CUDA is not available here")
-    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    model = load_model(a.ckpt, device=a.device, dtype=dtype)
-    tokenizer = load_tokenizer(a.tokenizer or a.ckpt)
-    check_vocab(model, tokenizer, a.ckpt)
-    n = model.args.n_layers
-    if a.compare is not None:
-        depths = trained_exits(a.ckpt, n) if a.compare == "exits" else parse_depths(a.compare, n, "--compare")
-    else:
-        depths = parse_depths(str(a.layers), n, "--layers") if a.layers is not None else [n]
-    text = a.prompt if a.raw else alpaca_prompt(a.prompt, a.input)
-    prompt_ids = tokenizer.encode(text, bos=True)
-    if len(prompt_ids) >= model.args.max_seq_len:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's max_seq_len is {model.args.max_seq_len}")
-    speed = {}
-    if a.draft_layers is not None:
-        if not 1 <= a.draft_layers < n or a.num_speculations < 1:
-            raise ValueError(f"--draft_layers {a.draft_layers}: must be within 1..{n - 1}, --num_speculations at least 1")
-        if a.compare is not None or a.layers is not None or a.early_exit is not None:
-            raise ValueError("--draft_layers decodes with the full model: drop --layers, --compare and --early_exit")
-        speed = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations, draft_confidence=a.draft_confidence)
-        label = f"self-speculative: layers 1..{a.draft_layers} draft {a.num_speculations} tokens, {n} layers verify"
-    elif a.early_exit is not None:
-        if a.compare is not None or a.layers is not None:
-            raise ValueError("--early_exit picks the depth of each token: drop --layers and --compare")
-        speed = dict(early_exit=a.early_exit, exits=trained_exits(a.ckpt, n))
-        label = f"early exit at top probability >= {a.early_exit:g}, exits {speed['exits']}"
     print(text, end="" if a.raw else "\n")
     for depth in depths:
         for i in range(a.num_samples):
-            print(f"--- {label if speed else f'layers {depth}/{n}'}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
+            print(f"--- {label or f'layers {depth}/{n}'}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
             printer, stats = Printer(tokenizer), {}
             t0 = time.perf_counter()
             ids = generate(model, prompt_ids, a.max_new_tokens, layers=depth, temperature=a.temperature,

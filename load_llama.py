@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, default_exits
 
 
 class CheckpointError(Exception):
@@ -69,6 +69,30 @@ def check_vocab(model: Transformer, tokenizer: Tokenizer, where: str = "the chec
                               f"{model.args.vocab_size}: pass the tokenizer the model was trained with")
 
 
+def parse_depths(text: str, n_layers: int, flag: str, increasing: bool = False) -> list[int]:
+    """Comma-separated depths (layer counts) of a model of n_layers, each within 1..n_layers."""
+    try:
+        depths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CheckpointError(f"{flag} {text!r}: expected comma-separated layer counts such as 4,8")
+    if not depths:
+        raise CheckpointError(f"{flag} {text!r}: expected at least one layer count")
+    for d in depths:
+        if not 1 <= d <= n_layers:
+            raise CheckpointError(f"{flag} {text}: depth {d} is outside 1..{n_layers} (the model has {n_layers} "
+                                  "layers)")
+    if increasing and any(x >= y for x, y in zip(depths, depths[1:])):
+        raise CheckpointError(f"{flag} {text}: depths must be strictly increasing")
+    return depths
+
+
+def trained_exits(ckpt: str, n_layers: int) -> list[int]:
+    """The exits recorded in our params.json, else the default evenly spaced set."""
+    params = os.path.join(resolve(ckpt), "params.json")
+    exits = read_json(params).get("exits") if os.path.exists(params) else None
+    return list(exits) if exits else default_exits(n_layers)
+
+
 # --- reading a checkpoint folder
 
 def resolve(path: str) -> str:
@@ -89,7 +113,8 @@ def detect_layout(path: str) -> str:
         return "ours"
     if "params.json" in files and glob.glob(os.path.join(path, "consolidated.*.pth")):
         return "meta"
-    if "config.json" in files and (glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+    hf_weights = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin"))
+    if "config.json" in files and hf_weights:
         return "hf"
     raise CheckpointError(f"{path}: found neither params.json with consolidated.*.pth or model.safetensors "
                           "(Meta's layout, ours) nor config.json with *.safetensors (Hugging Face's)")
@@ -130,7 +155,8 @@ def args_from_hf_config(cfg: dict, path: str) -> ModelArgs:
     rope = cfg.get("rope_parameters") or {}
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"{path}: rope scaling is not supported; this is a LLaMA 2 implementation")
-    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) != cfg["hidden_size"] // cfg["num_attention_heads"]:
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("head_dim", head_dim) != head_dim:
         raise CheckpointError(f"{path}: head_dim other than hidden_size / num_attention_heads is not supported")
     return ModelArgs(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
@@ -226,7 +252,8 @@ def iter_hf(path: str, args: ModelArgs, tied: bool):
     if files:
         tensors = iter_safetensors(files)
     else:
-        tensors = (kv for f in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))) for kv in torch_load(f).items())
+        bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+        tensors = (kv for f in bins for kv in torch_load(f).items())
     for hf_name, t in tensors:
         if hf_name in HF_TOP_NAMES:
             name = HF_TOP_NAMES[hf_name]
@@ -239,7 +266,7 @@ def iter_hf(path: str, args: ModelArgs, tied: bool):
             if sub == "self_attn.q_proj":
                 t = hf_unpermute(t, args.n_heads)
             elif sub == "self_attn.k_proj":
-                t = hf_unpermute(t, args.n_kv_heads or args.n_heads)
+                t = hf_unpermute(t, args.n_kv_heads)
         else:
             continue
         yield name, t
@@ -272,7 +299,8 @@ def load_model(path: str, device="cpu", dtype=None) -> Transformer:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        more = " ..." if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}{more}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise CheckpointError(f"{path}: weights the model does not have: {', '.join(unexpected[:3])}")
@@ -316,7 +344,7 @@ def hf_state_dict(model: Transformer, layers: int) -> dict:
             if sub == "attention.wq":
                 t = hf_permute(t, args.n_heads)
             elif sub == "attention.wk":
-                t = hf_permute(t, args.n_kv_heads or args.n_heads)
+                t = hf_permute(t, args.n_kv_heads)
             tensors[f"model.layers.{i}.{meta_to_hf[sub]}.{leaf}"] = t
     return {n: t.detach().contiguous() for n, t in tensors.items()}
 
@@ -325,7 +353,7 @@ def hf_config(args: ModelArgs, layers: int, bos_id: int = 1, eos_id: int = 2, dt
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
