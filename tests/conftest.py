@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random models, a tiny tokenizer, a comparison helper that reports the max difference."""
+"""Shared fixtures: tiny random models, a tiny tokenizer, a comparison helper that reports the max difference,
+and ways to run the scripts: in this process (fast, for most) or in one of their own (for signals, torchrun)."""
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -40,14 +44,27 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
     """A 400-token sentencepiece model trained on the built-in tasks."""
-    from sorted_train import builtin_records, train_tokenizer
+    from data import builtin_records, train_tokenizer
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
     train_tokenizer(builtin_records(3000, seed=0), 400, path)
     return path
 
 
+def run_main(script: str, *args):
+    """A script's main(argv) run in this process, as `python script args` would run it: (exit code, stdout,
+    stderr). An exception main lets through fails the test, as a traceback would."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in args])
+        except SystemExit as e:  # sys.exit("message") prints the message and exits with 1
+            code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
+    return code or 0, out.getvalue(), err.getvalue()
+
+
 def run_script(*args, timeout=120):
-    """Run one of the project's scripts; (returncode, stdout, stderr)."""
+    """Run one of the project's scripts in a process of its own; (returncode, stdout, stderr)."""
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 

@@ -5,8 +5,9 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from analyze import cosine, exact_match, kl_divergence
-from conftest import assert_close, run_script
+from analyze import cosine, kl_divergence
+from conftest import assert_close, run_main
+from data import exact_match
 from test_train import FAST
 
 
@@ -37,10 +38,10 @@ def test_exact_match_on_known_answers():
 
 def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
     sft = str(tmp_path / "sft")
-    rc, _, err = run_script("sorted_train.py", *FAST, "--mode", "sft", "--max_steps", "3", "--out", sft)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--mode", "sft", "--max_steps", "3", "--out", sft)
     assert rc == 0, err
     ict = str(tmp_path / "ict")
-    rc, _, err = run_script("sorted_train.py", *FAST, "--mode", "ict", "--init", sft, "--exits", "2,3,4",
+    rc, _, err = run_main("sorted_train.py", *FAST, "--mode", "ict", "--init", sft, "--exits", "2,3,4",
                             "--max_steps", "3", "--lr", "1e-2", "--out", ict)
     assert rc == 0, err
     before = load_file(os.path.join(sft, "latest", "model.safetensors"))
@@ -53,9 +54,9 @@ def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
     assert json.load(open(os.path.join(ict, "latest", "params.json")))["exit_heads"] == [2, 3, 4]
 
     # generate.py and analyze.py read the heads; the per-exit figures are consistent
-    rc, out, err = run_script("generate.py", "--ckpt", ict, "--layers", "2", "--max_new_tokens", "4")
+    rc, out, err = run_main("generate.py", "--ckpt", ict, "--layers", "2", "--max_new_tokens", "4")
     assert rc == 0, err
-    rc, out, err = run_script("analyze.py", "--ckpt", ict, "--vs", sft, "--num_examples", "12",
+    rc, out, err = run_main("analyze.py", "--ckpt", ict, "--vs", sft, "--num_examples", "12",
                               "--json", str(tmp_path / "a.json"))
     assert rc == 0, err
     results = json.load(open(tmp_path / "a.json"))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_one_line_error, random_model, run_script, tiny_args
+from conftest import assert_one_line_error, random_model, run_main, tiny_args
 from load_llama import save_model
 
 
@@ -20,28 +20,28 @@ def ckpt(tmp_path_factory, tokenizer_path):
 
 
 def test_generate_streams_at_a_depth_and_compares_exits(ckpt):
-    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--layers", "2", "--max_new_tokens", "5")
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--layers", "2", "--max_new_tokens", "5")
     assert rc == 0, err
     assert "layers 2/4" in out and "tokens/s" in out
-    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--compare", "--max_new_tokens", "3")
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--compare", "--max_new_tokens", "3")
     assert rc == 0, err
     assert "layers 2/4" in out and "layers 4/4" in out  # the exits recorded in params.json
 
 
 def test_generate_speculative_and_early_exit_flags(ckpt):
-    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--draft_layers", "2", "--num_speculations", "3",
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--draft_layers", "2", "--num_speculations", "3",
                               "--max_new_tokens", "6")
     assert rc == 0, err
     assert "drafts accepted" in out
-    rc, out, err = run_script("generate.py", "--ckpt", ckpt, "--early_exit", "0.5", "--max_new_tokens", "6")
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--early_exit", "0.5", "--max_new_tokens", "6")
     assert rc == 0, err
     assert "mean exit depth" in out
-    rc, _, err = run_script("generate.py", "--ckpt", ckpt, "--draft_layers", "4")
+    rc, _, err = run_main("generate.py", "--ckpt", ckpt, "--draft_layers", "4")
     assert_one_line_error(rc, err, "--draft_layers 4", "1..3")
 
 
 def test_missing_checkpoint(tmp_path):
-    rc, _, err = run_script("generate.py", "--ckpt", str(tmp_path / "nope"))
+    rc, _, err = run_main("generate.py", "--ckpt", str(tmp_path / "nope"))
     assert_one_line_error(rc, err, "no such checkpoint")
 
 
@@ -51,7 +51,7 @@ def test_params_without_required_fields(tmp_path, ckpt):
     params = json.load(open(bad / "params.json"))
     del params["n_heads"]
     json.dump(params, open(bad / "params.json", "w"))
-    rc, _, err = run_script("generate.py", "--ckpt", str(bad))
+    rc, _, err = run_main("generate.py", "--ckpt", str(bad))
     assert_one_line_error(rc, err, "params.json", "n_heads")
 
 
@@ -60,7 +60,7 @@ def test_config_json_without_required_fields(tmp_path):
     json.dump({"model_type": "llama", "hidden_size": 64}, open(tmp_path / "hf" / "config.json", "w"))
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(tmp_path / "hf" / "model.safetensors"))
-    rc, _, err = run_script("generate.py", "--ckpt", str(tmp_path / "hf"))
+    rc, _, err = run_main("generate.py", "--ckpt", str(tmp_path / "hf"))
     assert_one_line_error(rc, err, "config.json", "num_hidden_layers")
 
 
@@ -69,39 +69,39 @@ def test_unreadable_weights(tmp_path, ckpt):
     shutil.copytree(ckpt, bad)
     with open(bad / "model.safetensors", "wb") as f:
         f.write(b"not a safetensors file")
-    rc, _, err = run_script("generate.py", "--ckpt", str(bad))
+    rc, _, err = run_main("generate.py", "--ckpt", str(bad))
     assert_one_line_error(rc, err, "model.safetensors")
 
 
 @pytest.mark.parametrize("layers", ["0", "5"])
 def test_layers_outside_the_model(ckpt, layers):
-    rc, _, err = run_script("generate.py", "--ckpt", ckpt, "--layers", layers)
+    rc, _, err = run_main("generate.py", "--ckpt", ckpt, "--layers", layers)
     assert_one_line_error(rc, err, "outside 1..4")
 
 
 def test_tokenizer_vocabulary_mismatch(tmp_path):
     model = random_model(tiny_args(vocab_size=512))
     save_model(model.state_dict(), model.args, str(tmp_path / "m"))
-    from sorted_train import builtin_records, train_tokenizer
+    from data import builtin_records, train_tokenizer
     train_tokenizer(builtin_records(2000, seed=0), 400, str(tmp_path / "tok.model"))
-    rc, _, err = run_script("generate.py", "--ckpt", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model"))
+    rc, _, err = run_main("generate.py", "--ckpt", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model"))
     assert_one_line_error(rc, err, "400 tokens", "512")
 
 
 def test_prompt_longer_than_max_seq_len(ckpt):
-    rc, _, err = run_script("generate.py", "--ckpt", ckpt, "--raw", "--prompt", "a b c d e f g h " * 30)
+    rc, _, err = run_main("generate.py", "--ckpt", ckpt, "--raw", "--prompt", "a b c d e f g h " * 30)
     assert_one_line_error(rc, err, "max_seq_len")
 
 
 @pytest.mark.parametrize("flags,needle", [(["--temperature", "1", "--top_k", "0"], "--top_k"),
                                           (["--top_p", "1.5"], "--top_p"), (["--device", "gpu9"], "--device")])
 def test_bad_sampling_flags(ckpt, flags, needle):
-    rc, _, err = run_script("generate.py", "--ckpt", ckpt, *flags)
+    rc, _, err = run_main("generate.py", "--ckpt", ckpt, *flags)
     assert_one_line_error(rc, err, needle)
 
 
 def test_export_rejects_depth_outside_the_model(ckpt, tmp_path):
-    rc, _, err = run_script("load_llama.py", "export", ckpt, str(tmp_path / "x"), "--layers", "9")
+    rc, _, err = run_main("load_llama.py", "export", ckpt, str(tmp_path / "x"), "--layers", "9")
     assert_one_line_error(rc, err, "--layers 9")
 
 
@@ -109,7 +109,7 @@ def test_pth_that_would_run_code(tmp_path):
     (tmp_path / "meta").mkdir()
     json.dump({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1}, open(tmp_path / "meta" / "params.json", "w"))
     torch.save({"x": torch.zeros(1), "y": Exploit()}, tmp_path / "meta" / "consolidated.00.pth")
-    rc, _, err = run_script("generate.py", "--ckpt", str(tmp_path / "meta"))
+    rc, _, err = run_main("generate.py", "--ckpt", str(tmp_path / "meta"))
     assert_one_line_error(rc, err, "refused")
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "exploited"))
 

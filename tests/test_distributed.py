@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_close, assert_one_line_error, run_script
+from conftest import ROOT, assert_close, assert_one_line_error, run_main
 
 # the tiny trainer of test_train.FAST, at a constant learning rate: a run of 3 steps resumed to 6 then follows
 # the same schedule as a run of 6
@@ -28,7 +28,7 @@ def torchrun(nproc: int, *args, timeout=300):
 def train(nproc: int, out, *flags):
     """Six steps (or as flags say) of the tiny trainer; every run has the same global batch of 8."""
     args = ["sorted_train.py", *FAST, "--out", str(out), *flags]
-    rc, stdout, err = torchrun(nproc, *args) if nproc > 1 else run_script(*args)
+    rc, stdout, err = torchrun(nproc, *args) if nproc > 1 else run_main(*args)
     assert rc == 0, err[-3000:]
     return stdout
 
@@ -102,7 +102,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(runs):
 def test_resuming_with_another_global_batch_is_refused(runs, tmp_path):
     out = str(tmp_path / "c")
     shutil.copytree(runs["cut_to_one"], out, symlinks=True)
-    rc, _, err = run_script("sorted_train.py", *FAST, "--batch_size", "4", "--max_steps", "6", "--out", out, "--resume")
+    rc, _, err = run_main("sorted_train.py", *FAST, "--batch_size", "4", "--max_steps", "6", "--out", out, "--resume")
     assert_one_line_error(rc, err, "global batch of 8", "this run has 4")
 
 
@@ -113,7 +113,7 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path):
     marker = tmp_path / "exploited"
     with open(os.path.join(out, "latest", "train_state", ".metadata"), "wb") as f:
         f.write(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")  # pickle: os.system("touch ...")
-    rc, _, err = run_script("sorted_train.py", *FAST, "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6",
+    rc, _, err = run_main("sorted_train.py", *FAST, "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6",
                             "--out", out, "--resume")
     assert_one_line_error(rc, err, "refused", "os.system")
     assert not marker.exists()
@@ -154,7 +154,8 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
     import distributed
     from conftest import tiny_args
     from model import init_weights
-    from sorted_train import build_model, forward_backward
+    from soft import forward_backward
+    from sorted_train import build_model
     args = tiny_args(n_layers=3)
 
     def build(activation_checkpointing, compile):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import random_model, run_script, tiny_args
+from conftest import random_model, run_main, tiny_args
 from generate import alpaca_prompt, generate, logits_to_probs
 from load_llama import load_model, load_tokenizer
 from test_train import FAST
@@ -15,7 +15,7 @@ from test_train import FAST
 def trained_dir(tmp_path_factory):
     """A tiny SoFT model trained for a few seconds on the built-in tasks, so that drafts are often accepted."""
     out = str(tmp_path_factory.mktemp("spec") / "out")
-    rc, _, err = run_script("sorted_train.py", *FAST, "--max_steps", "80", "--lr", "1e-2", "--out", out)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "80", "--lr", "1e-2", "--out", out)
     assert rc == 0, err
     return out
 
@@ -96,7 +96,8 @@ def test_speculative_sampling_keeps_the_full_models_distribution(eos):
 
 def test_drafts_stop_at_eos():
     """A draft that proposes EOS goes straight to verification: no layer ever runs a position after it, nor
-    the last token that max_new_tokens allows. Layers 3 and 4 add nothing here (zero output projections), so the 2-layer draft agrees with the full model."""
+    the last token that max_new_tokens allows. Layers 3 and 4 add nothing here (zero output projections), so the
+    2-layer draft agrees with the full model."""
     model = random_model(tiny_args(n_layers=4))
     with torch.no_grad():
         for layer in model.layers[2:]:
@@ -164,7 +165,7 @@ def test_early_exit_computes_skipped_layers_exactly(trained, task_prompt, thresh
 def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
     """bench.py on the trained checkpoint: every configuration runs, the lossless ones match full depth."""
     report = str(tmp_path / "bench.json")
-    rc, out, err = run_script("bench.py", "--only", "decode", "--ckpt", trained_dir, "--num_eval", "12",
+    rc, out, err = run_main("bench.py", "--only", "decode", "--ckpt", trained_dir, "--num_eval", "12",
                               "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report)
     assert rc == 0, err
     rows = {r["name"]: r for r in json.load(open(report))["decode"]}
