@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -144,8 +144,9 @@ def shard(model, root, d: Dist, compute_dtype, activation_checkpointing: bool = 
 def reshard(root):
     """Free the gathered parameters a no-grad forward leaves behind.
 
-    FSDP2 reshards the root after forward only when a backward follows; after evaluation it would keep the whole
-    of the embeddings and the shared head gathered, and a checkpoint would save them as if they were a shard.
+    FSDP2 reshards the root after forward only when a backward follows: after evaluation it keeps the whole of
+    the embeddings and the shared head gathered (bfloat16 copies, 650 MB at 13B), and the module's parameters are
+    then those full tensors rather than this rank's shards, which is what saving a checkpoint next reads.
     """
     for m in root.modules():
         if isinstance(m, FSDPModule):
@@ -215,6 +216,12 @@ def save_checkpoint(out: str, step: int, root, opt, d: Dist, save_dtype, tokeniz
     in one atomic rename, so that a crash at any point leaves the previous checkpoint current.
     """
     name = f"step_{step:07d}"
+    while os.path.lexists(os.path.join(out, name)):  # the same step written before (by a run started anew): the
+        name += "+"  # new one gets a name of its own, so that the old stays whole until `latest` leaves it
+    if d.fsdp:  # rank 0's view of the folder decides, whatever a shared filesystem shows the others
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
     tmp, final = os.path.join(out, ".tmp_" + name), os.path.join(out, name)
     if d.master:
         for stale in os.listdir(out):  # left by a run killed while writing
@@ -232,8 +239,6 @@ def save_checkpoint(out: str, step: int, root, opt, d: Dist, save_dtype, tokeniz
         save_model(full, root.model.args, tmp, tokenizer_path, step=step, **params)
         for f in ("model.safetensors", "params.json", "tokenizer.model", "train_state", ""):
             sync(os.path.join(tmp, f))
-        if os.path.exists(final):  # written by a run killed before it switched `latest` over
-            shutil.rmtree(final)
         os.rename(tmp, final)
         link = os.path.join(out, "latest")
         if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
@@ -293,6 +298,22 @@ class SafeReader(FileSystemReader):
         return super().read_metadata(*args, **kwargs)
 
 
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner reads its non-tensor entries (AdamW's param_groups: lr, betas, ...) with torch.load(
+    weights_only=False): this one reads them only if torch.load(weights_only=True) can, i.e. if they are plain
+    values, and otherwise records what it refused."""
+    refused = None
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            self.refused = f"{read_item.dest_index.fqn} ({str(e).splitlines()[-1][:120]})"
+            return
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def restore_checkpoint(ckpt: str, root, opt, d: Dist):
     """Weights and AdamW state from ckpt/train_state, resharded to this run's processes, whatever their number."""
     folder = os.path.join(ckpt, "train_state")
@@ -303,8 +324,11 @@ def restore_checkpoint(ckpt: str, root, opt, d: Dist):
     # get_state_dict gives AdamW its state tensors (a step at lr 0) for DCP to load into, each this rank's shard
     model_state, optim_state = get_state_dict(root, opt)
     state = {"model": model_state, "optim": optim_state}
+    planner = SafePlanner()
     with quiet_dcp():
-        dcp.load(state, storage_reader=SafeReader(folder), no_dist=not d.fsdp)
+        dcp.load(state, storage_reader=SafeReader(folder), planner=planner, no_dist=not d.fsdp)
+    if planner.refused:
+        raise CheckpointError(f"{folder}: refused, unpickling {planner.refused} would need more than plain values")
     set_state_dict(root, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

@@ -90,7 +90,7 @@ def get_args(argv=None):
     g.add_argument("--nproc", type=int, default=8, help="--estimate: processes (GPUs) in the simulated run")
     g.add_argument("--gpu_memory", type=float, default=80, help="--estimate: GiB of memory per GPU")
     g.add_argument("--measure_memory", action="store_true",
-                   help="run that step for real (under torchrun or alone) and print its measured peak memory")
+                   help="under torchrun: run that step for real and print its measured peak memory")
     return p.parse_args(argv)
 
 
@@ -306,6 +306,9 @@ def train(a):
     compute_dtype = distributed.compute_dtype(a.dtype, d.device.type)
     os.makedirs(a.out, exist_ok=True)
     latest = os.path.join(a.out, "latest")
+    if a.resume and os.path.lexists(latest) and not os.path.exists(latest):
+        raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: the checkpoint was moved "
+                              "or deleted")
     resume_from = os.path.realpath(latest) if a.resume and os.path.exists(latest) else None
     tokenizer, tok_path, train_ex, val_ex = prepare_data(a, d, resume_from)
 
@@ -385,8 +388,12 @@ def plan_memory(a, simulate: bool, search: bool = True) -> dict:
     """--estimate and --measure_memory (distributed.plan_memory): the peak memory of this trainer's own model
     building, sharding and training step, simulated for --nproc GPUs or measured on this run's processes."""
     fill_defaults(a)
+    if not simulate and "RANK" not in os.environ:
+        raise DataError("--measure_memory measures the FSDP step of a torchrun run: launch it with "
+                        "torchrun --nproc_per_node N sorted_train.py --measure_memory ...")
     d = distributed.fake(a.nproc) if simulate else distributed.setup(torch.cuda.is_available() and a.device != "cpu")
-    compute_dtype = distributed.compute_dtype(a.dtype, "cuda" if simulate else d.device.type)  # a simulation plans for GPUs
+    # a simulation plans for GPUs
+    compute_dtype = distributed.compute_dtype(a.dtype, "cuda" if simulate else d.device.type)
     args = model_args(a, a.vocab_size if a.model == "tiny" else None)
     exits, loss_exits, loss_weights = objective_exits(a.mode, a.exits, a.exit_weights, args.n_layers)
 

@@ -36,7 +36,9 @@ setsid torchrun --standalone --nproc_per_node "$NGPU" sorted_train.py "${FLAGS[@
     --out "$OUT/cut" > "$OUT/cut.log" 2>&1 &
 pid=$!
 until [ -e "$OUT/cut/latest" ] || ! kill -0 "$pid" 2> /dev/null; do sleep 1; done
-kill -9 -- "-$pid" 2> /dev/null || true
+# torchrun starts each worker in a session of its own: kill them, then the launcher
+pkill -9 -P "$pid" 2> /dev/null || true
+kill -9 "$pid" 2> /dev/null || true
 wait "$pid" 2> /dev/null || true
 echo "killed at $(readlink "$OUT/cut/latest")"
 if [ "$NGPU" -ge 2 ]; then  # the training state is resharded for another number of processes

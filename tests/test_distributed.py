@@ -119,6 +119,37 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path):
     assert not marker.exists()
 
 
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_values_that_would_run_code_are_refused(runs, tmp_path):
+    """DCP's byte entries (AdamW's param_groups) are pickles too: an entry whose unpickling would run code is
+    refused, though the metadata pointing at it names only DCP's records."""
+    import pickle
+    out = str(tmp_path / "c")
+    shutil.copytree(runs["cut_to_one"], out, symlinks=True)
+    state = os.path.join(out, "latest", "train_state")
+    marker = tmp_path / "exploited"
+    torch.save(Exploit(marker), os.path.join(state, "evil.distcp"))
+    with open(os.path.join(state, ".metadata"), "rb") as f:
+        meta = pickle.load(f)
+    (index,) = [i for i in meta.storage_data if i.fqn == "optim.param_groups.0.lr"]
+    info = meta.storage_data[index]
+    meta.storage_data[index] = type(info)("evil.distcp", 0, os.path.getsize(os.path.join(state, "evil.distcp")),
+                                          *[getattr(info, f) for f in list(info.__dataclass_fields__)[3:]])
+    with open(os.path.join(state, ".metadata"), "wb") as f:
+        pickle.dump(meta, f)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6",
+                          "--out", out, "--resume")
+    assert_one_line_error(rc, err, "refused", "optim.param_groups.0.lr")
+    assert not marker.exists()
+
+
 def test_bfloat16_mixed_precision_on_cpu(runs):
     """MixedPrecisionPolicy under gloo: bfloat16 compute, float32 master weights and AdamW state."""
     fp32, bf16 = losses(runs["two"]), losses(runs["bf16"])
@@ -141,6 +172,27 @@ def test_bfloat16_mixed_precision_on_cpu(runs):
     diff = sum(((b[k].float() - a[k]) ** 2).sum() for k in a) ** 0.5
     norm = sum((a[k] ** 2).sum() for k in a) ** 0.5
     assert diff / norm < 0.02, f"{diff / norm:.4f}"
+
+
+def test_evaluation_leaves_every_parameter_sharded():
+    """After a no-grad forward FSDP2 keeps the root (embeddings, shared norm and head) gathered, so that the
+    module's parameters are full tensors instead of this rank's shards; evaluate() reshards them. On a fake
+    process group of 2 ranks: collectives do nothing, which the check does not need."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import distributed
+    from conftest import tiny_args
+    from sorted_train import build_model, evaluate
+    d = distributed.fake(2)
+    try:
+        model, objective = build_model(tiny_args(), "sorted", [2, 4], d, torch.float32)
+        examples = [([1, 5, 6, 7, 8, 9, 2], 4)] * 3
+        evaluate(objective, examples, [2, 4], 2, d, torch.autocast("cpu", enabled=False))
+        gathered = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        assert not gathered, gathered
+    finally:
+        dist.destroy_process_group()
 
 
 # --- activation checkpointing with compile

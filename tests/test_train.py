@@ -193,3 +193,17 @@ def test_a_model_too_large_for_the_machine_is_refused(tmp_path):
     rc, _, err = run_main("sorted_train.py", "--model", "7B", "--num_examples", "200", "--val_size", "20",
                             "--vocab_size", "400", "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, "6.5B parameters need about", "--estimate --nproc N")
+
+
+def test_a_run_started_anew_in_the_same_folder_never_leaves_latest_dangling(tmp_path):
+    """The second run's checkpoint of the same step gets a name of its own; `latest` moves from one whole folder to
+    the other, and the first is deleted only then. A `latest` whose folder is gone is refused on --resume."""
+    out = str(tmp_path / "o")
+    for _ in range(2):
+        rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--save_interval", "0", "--out", out)
+        assert rc == 0, err
+    assert os.readlink(os.path.join(out, "latest")) == "step_0000002+"
+    assert sorted(f for f in os.listdir(out) if f.startswith("step_")) == ["step_0000002+"]
+    shutil.rmtree(os.path.join(out, "step_0000002+"))
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--out", out, "--resume")
+    assert_one_line_error(rc, err, "latest names step_0000002+, which is missing")
