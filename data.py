@@ -81,12 +81,18 @@ def load_records(path: str) -> list[dict]:
     return records
 
 
-def dataset(path: str | None, val_size: int, num_examples: int) -> tuple[list[dict], list[dict]]:
+def dataset(path: str | None, val_size: int, num_examples: int, pretrain: bool = False):
     """(train, held-out) records: those of the file at `path` split by a fixed permutation (the same for any
-    seed, at most a tenth held out), or num_examples + val_size of the built-in tasks."""
-    records = load_records(path) if path else builtin_records(num_examples + val_size, seed=1234)
+    seed, at most a tenth held out), or the built-in tasks: num_examples in the training mix, and val_size drawn
+    apart, as many of each task, so that every task's accuracy rests on the same number of questions; with
+    pretrain, documents of the built-in corpus."""
+    if pretrain:
+        return corpus(num_examples, seed=1234), corpus(val_size, seed=4321)
+    if not path:
+        return builtin_records(num_examples, seed=1234), builtin_records(val_size, seed=4321, evenly=True)
+    records = load_records(path)
     split = random.Random(1234).sample(range(len(records)), len(records))
-    n_val = min(val_size, len(records) // 10) if path else val_size
+    n_val = min(val_size, len(records) // 10)
     return [records[i] for i in split[n_val:]], [records[i] for i in split[:n_val]]
 
 
@@ -98,7 +104,7 @@ def held_out(train_config: dict, data: str | None = None) -> list[dict]:
 
 
 # --- the built-in tasks: small questions with checkable answers, from a lookup that one layer can do to
-# sorting, counting and adding; each draws (input, answer) from a random.Random
+# sorting and counting, which take an answer of several tokens; each draws (input, answer) from a random.Random
 
 def spaced(items) -> str:
     return " ".join(str(x) for x in items)
@@ -125,7 +131,7 @@ def largest_digit(r):
 
 
 def sort_digits(r):
-    digits = r.choices(range(10), k=r.randint(4, 8))
+    digits = r.sample(range(10), r.randint(4, 8))  # distinct digits
     return spaced(digits), spaced(sorted(digits))
 
 
@@ -135,33 +141,66 @@ def count(r):
     return f"{first} to {last}", spaced(range(first, last + 1))
 
 
-def add(r):
-    a, b = r.randint(0, 99), r.randint(0, 99)
-    return f"{a} + {b}", str(a + b)
-
-
-TASKS = {  # name: (instruction, how to draw an input and its answer)
-    "next": ("Which letter comes next in the alphabet?", next_letter),
-    "parity": ("Is the number even or odd?", parity),
-    "last": ("What is the last letter?", last_letter),
-    "max": ("Which digit is the largest?", largest_digit),
-    "sort": ("Sort the digits in increasing order.", sort_digits),
-    "count": ("Count from the first number to the second.", count),
-    "add": ("Add the two numbers.", add),
+TASKS = {  # name: (instruction, how to draw an input and its answer, share of the training mix)
+    "next": ("Which letter comes next in the alphabet?", next_letter, 1),
+    "parity": ("Is the number even or odd?", parity, 1),
+    "last": ("What is the last letter?", last_letter, 1),
+    "max": ("Which digit is the largest?", largest_digit, 1),
+    # the demo's 3 minutes go mostly where they are needed: sorting, and counting, where knowing when to stop
+    # is the last thing a small model learns
+    "sort": ("Sort the digits in increasing order.", sort_digits, 2),
+    "count": ("Count from the first number to the second.", count, 6),
 }
 
 
-def builtin_records(n: int, seed: int) -> list[dict]:
-    """n examples drawn evenly from TASKS, the same for the same seed."""
+def builtin_records(n: int, seed: int, evenly: bool = False) -> list[dict]:
+    """n examples of TASKS in the shares of the training mix (evenly: as many of each), the same for the same
+    seed."""
     rng = random.Random(seed)
+    cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(1 if evenly else share)]
     records = []
     for i in range(n):
-        task = list(TASKS)[i % len(TASKS)]
-        instruction, draw = TASKS[task]
+        task = cycle[i % len(cycle)]
+        instruction, draw, _ = TASKS[task]
         inp, out = draw(rng)
         records.append({"instruction": instruction, "input": inp, "output": out, "task": task})
     rng.shuffle(records)
     return records
+
+
+# --- a pretraining corpus in miniature: plain text stating what the tasks ask, without the instruction template,
+# so that a base model knows the facts and fine-tuning teaches it to answer (the paper's setting: a pretrained
+# LLaMA 2, fine-tuned on instructions)
+
+SENTENCES = {  # task: how one of its (input, answer) pairs reads as a sentence
+    "next": "In the alphabet, {} is followed by {}.",
+    "parity": "The number {} is {}.",
+    "last": "The last letter of {} is {}.",
+    "max": "The largest of the digits {} is {}.",
+    "sort": "The digits {} in increasing order are {}.",
+    "count": "Counting from {}: {}.",
+}
+
+
+def alphabet_run(r) -> str:
+    first = r.randrange(22)
+    letters = string.ascii_lowercase[first:first + r.randint(4, 10)]
+    return f"The alphabet from {letters[0]} to {letters[-1]}: {spaced(letters)}."
+
+
+def corpus(n: int, seed: int, sentences: int = 6) -> list[dict]:
+    """n documents of a few sentences each, drawn from SENTENCES (in the tasks' shares) and alphabet runs, as
+    records {"text": ...}; the same for the same seed."""
+    rng = random.Random(seed)
+    cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(share)] + ["alphabet"]
+    documents = []
+    for _ in range(n):
+        lines = []
+        for _ in range(sentences):
+            task = rng.choice(cycle)
+            lines.append(alphabet_run(rng) if task == "alphabet" else SENTENCES[task].format(*TASKS[task][1](rng)))
+        documents.append({"text": "\n".join(lines)})
+    return documents
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -174,17 +213,19 @@ def train_tokenizer(records: list[dict], vocab_size: int, path: str):
     """A small LLaMA-style sentencepiece BPE (unk 0, bos 1, eos 2, digits split, byte fallback), written to path.
 
     The template's MARKERS are single tokens: a tiny model then spends its compute on the instruction and the
-    input rather than on the boilerplate.
+    input rather than on the boilerplate. So is a digit after a space ("▁" + "7"), which LLaMA's tokenizer
+    splits in two: "1 2 4 7 9" is then five tokens, not ten, each answer token one step of the sorting.
     """
     import sentencepiece as spm
-    texts = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
+    texts = [r["text"] if "text" in r else alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
             split_digits=True, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
             normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
-            hard_vocab_limit=False, user_defined_symbols=[m.replace(" ", "\u2581") for m in MARKERS])
+            hard_vocab_limit=False,
+            user_defined_symbols=[m.replace(" ", "\u2581") for m in MARKERS] + [f"\u2581{d}" for d in range(10)])
     except RuntimeError as e:  # e.g. fewer pieces than the 256 bytes + characters need
         raise DataError(f"--vocab_size {vocab_size}: sentencepiece refused ({str(e).split('] ')[-1][:200]})")
     atomic_write(path, buf.getvalue())
@@ -201,11 +242,16 @@ def atomic_write(path: str, data: bytes):
 
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int):
-    """(ids, n_prompt) per record: BOS + templated prompt, then response + EOS; counts of truncated/dropped."""
+    """(ids, n_prompt) per record: BOS + templated prompt, then response + EOS; a document {"text"} of the
+    pretraining corpus is all response (every token after BOS a target). Counts of truncated/dropped."""
     examples, truncated, dropped = [], 0, 0
     for r in records:
-        prompt = tokenizer.encode(alpaca_prompt(r["instruction"], r.get("input", "")), bos=True)
-        ids = prompt + tokenizer.encode(r["output"], bos=False, eos=True)
+        if "text" in r:
+            prompt, answer = [tokenizer.bos_id], r["text"]
+        else:
+            prompt = tokenizer.encode(alpaca_prompt(r["instruction"], r.get("input", "")), bos=True)
+            answer = r["output"]
+        ids = prompt + tokenizer.encode(answer, bos=False, eos=True)
         if len(prompt) >= max_seq_len:  # no response token would be left to learn from
             dropped += 1
             continue

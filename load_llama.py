@@ -367,6 +367,9 @@ def export_hf(src: str, dst: str, layers: int | None = None, dtype=None):
     k = layers or model.args.n_layers
     if not 1 <= k <= model.args.n_layers:
         raise CheckpointError(f"--layers {k} is outside 1..{model.args.n_layers}")
+    if k < model.args.n_layers and not model.args.exit_norm and str(k) not in model.exit_heads:
+        raise CheckpointError(f"{src} reads layer {k} without the final norm (trained with --no_exit_norm), which "
+                              "a LLaMA checkpoint cannot express; export the last layer, or a model trained with it")
     os.makedirs(dst, exist_ok=True)
     save_file(hf_state_dict(model, k), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     tok_file = os.path.join(resolve(src), "tokenizer.model")

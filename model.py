@@ -30,6 +30,9 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     hidden_dim: int | None = None  # feed-forward width given directly (Hugging Face's intermediate_size)
+    # SoFT's own: False reads the exits below the last through the shared head without the final norm (the
+    # paper's question whether the norm is needed); Meta's and Hugging Face's checkpoints have it
+    exit_norm: bool = True
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -218,10 +221,19 @@ class Transformer(nn.Module):
         return h
 
     def head(self, h, depth: int | None = None):
-        """The shared final norm and output head, the same for every depth (SFT+ICT: the exit's own head)."""
+        """The logits of depth `depth` (default: the last) from its hidden states h: the shared final norm and
+        output head, the same for every depth, unless the exit has a head of its own."""
+        norm, output = self.exit_head(depth)
+        return output(norm(h))
+
+    def exit_head(self, depth: int | None = None):
+        """(norm, output layer) an exit reads through: the shared ones; an exit's own (SFT+ICT, or heads trained
+        per exit); with args.exit_norm False, no norm below the last layer."""
         if depth is not None and str(depth) in self.exit_heads:
-            return self.exit_heads[str(depth)](h)
-        return self.output(self.norm(h))
+            head = self.exit_heads[str(depth)]
+            return head.norm, head.output
+        last = depth is None or depth == self.args.n_layers
+        return (self.norm if last or self.args.exit_norm else nn.Identity()), self.output
 
     def add_exit_heads(self, exits: list[int]):
         for e in exits:

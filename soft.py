@@ -7,7 +7,9 @@ and the same output head, and the exits' cross-entropies on the response tokens 
 
 (the paper averages the exits' losses: weights 1/|exits|, which AdamW's update ignores apart from clipping).
 Standard fine-tuning (SFT) is the same with the last layer as the only exit; SFT+ICT freezes an SFT model and
-trains a norm and head of each exit's own.
+trains a norm and head of each exit's own. Two of the paper's open questions change the head an exit reads
+through (model.exit_head): without the final norm (--no_exit_norm), or a head per exit trained with the summed
+loss (--separate_heads). Pretraining (--pretrain) is the same objective with every token after BOS a target.
 """
 import contextlib
 
@@ -82,17 +84,21 @@ class SortedObjective(nn.Module):
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "ict"):  # ict: the trunk is frozen
             hidden = [h.flatten(0, 1)[positions] for h in self.model(tokens, exits=exits)]  # E x (N, dim)
-        N = targets.numel()
-        if self.mode == "ict":  # a separate head per exit
-            heads = [self.model.exit_heads[str(e)] for e in exits]
-            parts = [linear_cross_entropy(head.norm(h), head.output.weight, targets,
-                                          torch.full((N,), w * scale, device=targets.device))
-                     for head, h, w in zip(heads, hidden, weights)]
-            return sum(p[0] for p in parts), torch.stack([p[1].sum() for p in parts])
-        x = torch.cat([self.model.norm(h) for h in hidden])  # (E*N, dim): every exit through the shared norm ...
-        w = torch.tensor(weights, device=targets.device).repeat_interleave(N) * scale
-        loss, ce = linear_cross_entropy(x, self.model.output.weight, targets.repeat(len(exits)), w)  # ... and head
-        return loss, ce.view(len(exits), N).sum(1)
+        # exits that share an output layer go through it in one call (one gradient buffer for its weight, however
+        # many exits): with SoFT every exit, through the shared norm and head; with a head per exit, each alone
+        groups = {}  # output layer -> [(index of the exit, its hidden states after its norm (N, dim))]
+        for i, (e, h) in enumerate(zip(exits, hidden)):
+            norm, output = self.model.exit_head(e)
+            groups.setdefault(output, []).append((i, norm(h)))
+        N, loss, ce = targets.numel(), 0, [None] * len(exits)
+        for output, members in groups.items():
+            x = torch.cat([h for _, h in members])  # (k*N, dim)
+            w = torch.tensor([weights[i] for i, _ in members], device=targets.device).repeat_interleave(N) * scale
+            part, row_ce = linear_cross_entropy(x, output.weight, targets.repeat(len(members)), w)
+            loss = loss + part
+            for (i, _), c in zip(members, row_ce.view(len(members), N).sum(1)):
+                ce[i] = c
+        return loss, torch.stack(ce)
 
 
 def forward_backward(objective, micro, exits: list[int], weights: list[float], scale: float,

@@ -53,11 +53,18 @@ def get_args(argv=None):
     g.add_argument("--vocab_size", type=int, default=512, help="size of the tokenizer trained for the built-in tasks")
     g.add_argument("--max_seq_len", type=int, default=256, help="longer examples are truncated (and counted)")
     g.add_argument("--val_size", type=int, default=256, help="examples held out for validation")
-    g.add_argument("--num_examples", type=int, default=32000, help="size of the built-in training set")
+    g.add_argument("--num_examples", type=int, default=32000,
+                   help="size of the built-in training set (with --pretrain: documents of the corpus)")
+    g.add_argument("--pretrain", action="store_true",
+                   help="pretrain on the built-in corpus of plain text: next-token loss at every position")
     g = p.add_argument_group("objective")
     g.add_argument("--mode", default="sorted", choices=["sorted", "sft", "ict"])
     g.add_argument("--exits", default=None, help="comma-separated depths, e.g. 12,16,...,40 (default: evenly spaced)")
     g.add_argument("--exit_weights", default=None, help="comma-separated loss weights, one per exit (default: all 1)")
+    g.add_argument("--separate_heads", action="store_true",
+                   help="sorted: a norm and head of its own for each exit below the last, trained jointly")
+    g.add_argument("--no_exit_norm", action="store_true",
+                   help="exits below the last read the shared head without the final RMSNorm")
     g = p.add_argument_group("optimisation (defaults: the demo's; with --init, fine-tuning's)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3; with --init 2e-5)")
     g.add_argument("--min_lr", type=float, default=None, help="end of the cosine decay (default lr/10; with --init 0)")
@@ -131,6 +138,10 @@ def fill_defaults(a):
         raise DataError("--device cuda: no CUDA device is available")
     if a.mode == "ict" and not a.init:
         raise DataError("--mode ict tunes exit heads on a trained model: pass --init with an SFT checkpoint")
+    if a.separate_heads and a.mode != "sorted":
+        raise DataError(f"--separate_heads trains a head per exit with the summed loss of --mode sorted, not {a.mode}")
+    if a.pretrain and a.data:
+        raise DataError("--pretrain trains on the built-in corpus; it takes no --data")
 
 
 # --- the model: its shape, built on the meta device, sharded, then its weights
@@ -148,20 +159,29 @@ def model_args(a, vocab_size: int | None, tokenizer_path: str | None = None) -> 
         preset = PRESETS[a.model]
         args = ModelArgs(**{**preset, **overrides, "vocab_size": vocab_size or preset["vocab_size"]})
     args.max_seq_len = max(args.max_seq_len, a.max_seq_len)
+    if a.no_exit_norm:
+        args.exit_norm = False
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise DataError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
                         "dim must divide into heads and heads into kv heads")
     return args
 
 
+def own_heads(mode: str, separate_heads: bool, exits: list[int], n_layers: int) -> list[int]:
+    """The exits that read through a norm and head of their own: every exit for SFT+ICT, those below the last
+    with --separate_heads, none for SoFT and SFT (the shared norm and head)."""
+    if mode == "ict":
+        return list(exits)
+    return [e for e in exits if e < n_layers] if separate_heads else []
+
+
 def build_model(args: ModelArgs, mode: str, exits, d: Dist, compute_dtype, activation_checkpointing=False,
-                compile=False, check=True):
-    """The model on the meta device, checked to fit, sharded (distributed.shard), then given float32 memory on
-    d.device: its values come from load_weights."""
+                compile=False, check=True, heads=None):
+    """The model on the meta device (with a head for each exit in `heads`; default: SFT+ICT's), checked to fit,
+    sharded (distributed.shard), then given float32 memory on d.device: its values come from load_weights."""
     with torch.device("meta"):
         model = Transformer(args)
-        if mode == "ict":
-            model.add_exit_heads(exits)
+        model.add_exit_heads(own_heads(mode, False, exits, args.n_layers) if heads is None else heads)
     if mode == "ict":  # the trunk stays as SFT left it
         model.requires_grad_(False)
         model.exit_heads.requires_grad_(True)
@@ -175,7 +195,7 @@ def build_model(args: ModelArgs, mode: str, exits, d: Dist, compute_dtype, activ
 
 
 def load_initial_weights(model, init: str | None, seed: int):
-    """--init's weights, or a random init drawn from the seed; SFT+ICT's heads start as the shared head."""
+    """--init's weights, or a random init drawn from the seed; an exit's own head starts as the shared head."""
     if init:
         layout_args, layout = read_args(init)
         distributed.load_weights(model, iter_state_dict(resolve(init), layout_args, layout), init)
@@ -194,7 +214,7 @@ def load_initial_weights(model, init: str | None, seed: int):
 
 def prepare_data(a, d: Dist, resume_from: str | None):
     """(tokenizer, its path in --out, train examples, held-out examples); rank 0 writes the tokenizer."""
-    train_records, val_records = dataset(a.data, a.val_size, a.num_examples)
+    train_records, val_records = dataset(a.data, a.val_size, a.num_examples, a.pretrain)
     tok_path = os.path.join(a.out, "tokenizer.model")
     init = resolve(a.init) if a.init else None
     if resume_from:
@@ -209,8 +229,9 @@ def prepare_data(a, d: Dist, resume_from: str | None):
     else:
         source = None
     if d.master:
-        if source is None:
-            train_tokenizer(train_records + val_records, a.vocab_size, tok_path)
+        if source is None:  # pretraining's tokenizer also knows the instructions the model will be tuned on
+            instructions = dataset(None, a.val_size, 2000)[0] if a.pretrain else []
+            train_tokenizer(train_records + val_records + instructions, a.vocab_size, tok_path)
         elif os.path.realpath(source) != os.path.realpath(tok_path):
             with open(load_tokenizer(source).path, "rb") as f:  # load_tokenizer: one clear line if unreadable
                 atomic_write(tok_path, f.read())
@@ -315,7 +336,9 @@ def train(a):
     # the model, sharded, with its weights; the exits the objective sums; AdamW
     args = model_args(a, tokenizer.vocab_size, tok_path)
     exits, loss_exits, loss_weights = objective_exits(a.mode, a.exits, a.exit_weights, args.n_layers)
-    model, objective = build_model(args, a.mode, exits, d, compute_dtype, a.activation_checkpointing, a.compile)
+    heads = own_heads(a.mode, a.separate_heads, exits, args.n_layers)
+    model, objective = build_model(args, a.mode, exits, d, compute_dtype, a.activation_checkpointing, a.compile,
+                                   heads=heads)
     load_initial_weights(model, a.init, a.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
@@ -330,7 +353,9 @@ def train(a):
     log = open_log(os.path.join(a.out, "log.jsonl"), step, d.master)
     n_params = sum(p.numel() for p in model.parameters())
     d.say(f"model: {args.n_layers} layers, dim {args.dim}, {n_params / 1e6:.1f}M parameters, vocab {args.vocab_size}; "
-          f"mode {a.mode}, exits {exits} (loss at {loss_exits}); {total} steps of {global_batch} ({d.world} process"
+          f"{'pretraining, ' * a.pretrain}mode {a.mode}, exits {exits} (loss at {loss_exits}"
+          f"{', own heads at ' + str(heads) if heads else ''}{', no norm below the last' * (not args.exit_norm)}); "
+          f"{total} steps of {global_batch} ({d.world} process"
           f"{'es' * (d.world > 1)}, {d.device}); lr {a.lr:g}, warmup {warmup} steps, cosine to {a.min_lr:g}"
           + (f"; resuming from {resume_from} at step {step}" if step else ""))
 
@@ -377,7 +402,7 @@ def train(a):
             if step == total or (a.save_interval and step % a.save_interval == 0):
                 distributed.save_checkpoint(a.out, step, objective, opt, d, compute_dtype, tok_path, exits=exits,
                                             mode=a.mode, world_size=d.world, global_batch=global_batch,
-                                            train_config=vars(a), **(dict(exit_heads=exits) if a.mode == "ict" else {}))
+                                            train_config=vars(a), **(dict(exit_heads=heads) if heads else {}))
     d.say(f"checkpoint: {latest} -> step_{step:07d}; try: python generate.py --ckpt {a.out} --compare")
     d.close()
 
@@ -399,8 +424,9 @@ def plan_memory(a, simulate: bool, search: bool = True) -> dict:
 
     def build():
         """The sharded model's objective, its optimizer, and a training step over a list of micro-batches."""
+        heads = own_heads(a.mode, a.separate_heads, exits, args.n_layers)
         model, objective = build_model(args, a.mode, exits, d, compute_dtype, a.activation_checkpointing,
-                                       check=not simulate)
+                                       check=not simulate, heads=heads)
         if not simulate:  # real numbers, as a run starts with (no denormals or NaNs to slow the CPU)
             load_initial_weights(model, None, a.seed)
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -64,6 +64,14 @@ def losses(out):
     return [line.get("loss", line.get("val_loss")) for line in read_log(out)]
 
 
+def assert_weights_close(actual, expected, rtol, what):
+    """|a - e| / |e| over the whole tensor. Not elementwise: AdamW's first steps move a weight by about lr whatever
+    its gradient's size, so a gradient that is zero up to the order of a sum (one process or two) may send one
+    weight either way; the tensor as a whole still has to agree."""
+    err = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
 def test_two_process_fsdp_matches_one_process(runs):
     log1, log2 = read_log(runs["one"]), read_log(runs["two"])
     assert len(log1) == len(log2) == 8  # 6 steps and 2 validations
@@ -74,7 +82,7 @@ def test_two_process_fsdp_matches_one_process(runs):
     w1, w2 = weights(runs["one"]), weights(runs["two"])
     assert w1.keys() == w2.keys()
     for k in w1:
-        assert_close(w2[k], w1[k], 1e-4, k)
+        assert_weights_close(w2[k], w1[k], 1e-4, k)
     assert log1[-2]["loss"]["4"] < log1[0]["loss"]["4"]  # and it really trained
 
 
@@ -93,7 +101,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(runs):
     assert "at step 3" in runs["resumed_by_one"]
     a, b = weights(runs["one"]), weights(runs["cut_to_one"])
     for k in a:
-        assert_close(b[k], a[k], 1e-4, k)
+        assert_weights_close(b[k], a[k], 1e-4, k)
     for x, y in zip(losses(runs["one"]), losses(runs["cut_to_one"])):
         for e in x:
             assert abs(x[e] - y[e]) < 1e-4

@@ -15,7 +15,7 @@ from test_train import FAST
 def trained_dir(tmp_path_factory):
     """A tiny SoFT model trained for a few seconds on the built-in tasks, so that drafts are often accepted."""
     out = str(tmp_path_factory.mktemp("spec") / "out")
-    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "80", "--lr", "1e-2", "--out", out)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "150", "--lr", "5e-3", "--out", out)
     assert rc == 0, err
     return out
 
@@ -45,11 +45,11 @@ def test_greedy_speculation_equals_plain_decoding_on_a_random_model(K, N):
 
 @pytest.mark.parametrize("K,N,confidence", [(1, 2, 0.0), (2, 4, 0.0), (3, 8, 0.0), (2, 8, 0.3), (3, 8, 0.5)])
 def test_greedy_speculation_equals_plain_decoding_on_a_trained_model(trained, task_prompt, K, N, confidence):
-    stats = {}
+    stats = {}  # no EOS: 40 tokens whatever the answer's length, so that many drafts are checked
     out = generate(trained, task_prompt, 40, draft_layers=K, num_speculations=N, draft_confidence=confidence,
-                   eos_id=2, stats=stats)
-    assert out == generate(trained, task_prompt, 40, eos_id=2)
-    assert len(out) > 5 and stats["accepted"] > 0
+                   stats=stats)
+    assert out == generate(trained, task_prompt, 40)
+    assert len(out) == 40 and stats["accepted"] > 0
 
 
 def test_speculation_near_max_seq_len():
