@@ -23,10 +23,10 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from data import DataError, alpaca_prompt, collate, exact_match, held_out, tokenize
-from generate import generate
-from load_llama import CheckpointError, load_model, load_tokenizer, read_json, resolve
-from model import default_exits
+from data import DataError, alpaca_prompt, collate, exact_match, held_out, load_records, tokenize
+from generate import device_and_dtype, generate_batch
+from load_llama import (CheckpointError, check_vocab, load_model, load_tokenizer, parse_depths, read_args, read_json,
+                        resolve, trained_exits)
 
 
 POSITIONS = 20  # the answer tokens the paper's Figures 4-5 plot KL and cosine over
@@ -46,26 +46,42 @@ def cosine(a, b):
 
 # --- one checkpoint
 
+def our_params(ckpt: str) -> dict:
+    """Our params.json (mode, step, exits, the trainer's configuration); {} for a Hugging Face folder."""
+    path = os.path.join(resolve(ckpt), "params.json")
+    return read_json(path) if os.path.exists(path) else {}
+
+
 def held_out_of(ckpt: str, data: str | None, limit: int) -> list[dict]:
-    """The validation records the trainer held out for this checkpoint (or those of --data)."""
-    config = read_json(os.path.join(resolve(ckpt), "params.json")).get("train_config") or {}
+    """The records the trainer held out for this checkpoint; or those of the file `data`: all of them, unless the
+    checkpoint was trained on that file, then the part the trainer held out."""
+    config = our_params(ckpt).get("train_config")
+    if config is None and data is None:
+        raise DataError(f"{ckpt} was not trained here, so it has no held-out split: pass --data FILE (Alpaca JSON)")
+    trained_on = (config or {}).get("data")
+    if data is not None and not (trained_on and os.path.realpath(trained_on) == os.path.realpath(data)):
+        return load_records(data)[:limit]
     return held_out(config, data)[:limit]
 
 
 @torch.no_grad()
-def analyze(ckpt: str, records: list[dict], batch_size: int = 32, log=print) -> dict:
-    model = load_model(ckpt, dtype=torch.float32)
-    tokenizer = load_tokenizer(ckpt)
-    params = read_json(os.path.join(resolve(ckpt), "params.json"))
+def analyze(ckpt: str, records: list[dict], tokenizer_path: str | None = None, device="cpu", dtype=torch.float32,
+            exits: list[int] | None = None, batch_size: int = 32, log=print) -> dict:
+    """Every figure of one checkpoint (any layout load_model reads) at `exits` (default: its trained exits) and
+    its last layer, on `records`."""
+    model = load_model(ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_path or ckpt)
+    check_vocab(model, tokenizer, ckpt)
+    params = our_params(ckpt)
     L = model.args.n_layers
-    exits = sorted(set(params.get("exits") or default_exits(L)) | {L})
+    exits = sorted(set(exits or trained_exits(ckpt, L)) | {L})
     max_len = model.args.max_seq_len
     ref, _, _ = tokenize(records, tokenizer, max_len)
 
     # validation loss of each exit on the reference answers
-    loss_sum, n_tokens = torch.zeros(len(exits), dtype=torch.float64), 0
+    loss_sum, n_tokens = torch.zeros(len(exits), dtype=torch.float64, device=device), 0
     for s in range(0, len(ref), batch_size):
-        tokens, labels = collate(ref[s:s + batch_size], "cpu")
+        tokens, labels = collate(ref[s:s + batch_size], device)
         mask = labels != -100
         for i, (e, h) in enumerate(zip(exits, model(tokens, exits=exits))):
             loss_sum[i] += F.cross_entropy(model.head(h[mask], e), labels[mask], reduction="sum").double()
@@ -78,20 +94,23 @@ def analyze(ckpt: str, records: list[dict], batch_size: int = 32, log=print) -> 
     answers = {}
     t0 = time.perf_counter()
     for e in exits:
-        for i, (p, r) in enumerate(zip(prompts, records)):
-            out = generate(model, p, 64, layers=e, eos_id=tokenizer.eos_id)
-            if e == L:
-                answers[i] = out
-            if "task" in r:
-                correct[e][r["task"]] += exact_match(tokenizer.decode(out), r["output"])
+        for s in range(0, len(prompts), batch_size):
+            outs = generate_batch(model, prompts[s:s + batch_size], 64, layers=e, eos_id=tokenizer.eos_id)
+            for i, (out, r) in enumerate(zip(outs, records[s:s + batch_size]), s):
+                if e == L:
+                    answers[i] = out
+                if "task" in r:  # a built-in task: the answer can be checked
+                    correct[e][r["task"]] += exact_match(tokenizer.decode(out), r["output"])
     log(f"  {len(exits) * len(prompts)} greedy answers in {time.perf_counter() - t0:.0f} s")
 
-    agree, kl, cos, n_gen = torch.zeros(len(exits)), torch.zeros(len(exits)), torch.zeros(len(exits)), 0
+    agree, kl, cos = (torch.zeros(len(exits), device=device) for _ in range(3))
+    n_gen = 0
     # and per position in the answer, over its first POSITIONS tokens (the paper's Figures 4-5)
-    kl_at, cos_at, n_at = torch.zeros(len(exits), POSITIONS), torch.zeros(len(exits), POSITIONS), torch.zeros(POSITIONS)
+    kl_at, cos_at = (torch.zeros(len(exits), POSITIONS, device=device) for _ in range(2))
+    n_at = torch.zeros(POSITIONS, device=device)
     gen = [(p + answers[i] + [tokenizer.eos_id], len(p)) for i, p in enumerate(prompts)]
     for s in range(0, len(gen), batch_size):
-        tokens, labels = collate(gen[s:s + batch_size], "cpu")
+        tokens, labels = collate(gen[s:s + batch_size], device)
         mask = labels != -100  # the positions that produced the generated answer (and its EOS)
         at = (mask.cumsum(1) - 1)[mask]  # each one's place in its answer: 0 for the first answer token
         early = at < POSITIONS
@@ -124,7 +143,7 @@ def analyze(ckpt: str, records: list[dict], batch_size: int = 32, log=print) -> 
             row["accuracy"] = sum(by_task.values()) / len(tasks)  # every task counts the same
             row["accuracy_by_task"] = by_task
         rows.append(row)
-    return dict(ckpt=ckpt, mode=params.get("mode", "?"), step=params.get("step"), n_layers=L,
+    return dict(ckpt=ckpt, mode=params.get("mode"), step=params.get("step"), n_layers=L,
                 n_params=sum(p.numel() for p in model.parameters()), n_examples=len(records),
                 n_generated_tokens=n_gen, answers_at_position=n_at[:seen].int().tolist(), exits=rows)
 
@@ -257,8 +276,17 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out", help="checkpoint folder")
     p.add_argument("--vs", nargs="*", default=[], help="more checkpoints to put side by side")
     p.add_argument("--data", default=None,
-                   help="Alpaca JSON/JSONL to evaluate on (default: the trainer's held-out split)")
+                   help="Alpaca JSON/JSONL to evaluate on: all of it, or the part the trainer held out if the "
+                        "checkpoint was trained on it (default: the trainer's held-out split)")
     p.add_argument("--num_examples", type=int, default=256, help="held-out examples to use")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in each checkpoint folder)")
+    p.add_argument("--exits", default=None,
+                   help="comma-separated depths to analyse (default: the checkpoint's trained exits, else evenly "
+                        "spaced ones); the last layer is always included")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--plot", default=None, help="draw the curves into this PNG (needs matplotlib)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--reproduce", nargs="?", const="out/reproduce", default=None, metavar="DIR",
@@ -267,9 +295,9 @@ def main(argv=None):
                    help="--reproduce: paper (SoFT, SFT, SFT+ICT), no_norm (SoFT without the exit norm), "
                         "separate_heads (SoFT with a head per exit), sorted_pretraining (SoFT and SFT from a "
                         "base pretrained at every exit)")
-    p.add_argument("--pretrain_steps", type=int, default=1500, help="--reproduce: steps pretraining the base")
-    p.add_argument("--steps", type=int, default=600, help="--reproduce: fine-tuning steps of every method")
-    p.add_argument("--ict_steps", type=int, default=200, help="--reproduce: of those, SFT+ICT's tuning its heads")
+    p.add_argument("--pretrain_steps", type=int, default=600, help="--reproduce: steps pretraining the base")
+    p.add_argument("--steps", type=int, default=400, help="--reproduce: fine-tuning steps of every method")
+    p.add_argument("--ict_steps", type=int, default=100, help="--reproduce: of those, SFT+ICT's tuning its heads")
     a = p.parse_args(argv)
     if a.plot or a.reproduce:
         try:
@@ -288,11 +316,16 @@ def main(argv=None):
             a.json = a.json or os.path.join(a.reproduce, f"{a.variant}.json")
         else:
             runs_ = [(None, ckpt) for ckpt in [a.ckpt] + a.vs]
+        device, dtype = device_and_dtype(a.device, a.dtype)
+        if a.batch_size < 1 or a.num_examples < 1:
+            raise DataError("--batch_size and --num_examples must be at least 1")
         results = []
         for label, ckpt in runs_:
             print(f"\nanalysing {ckpt} ...", flush=True)
-            result = analyze(ckpt, held_out_of(ckpt, a.data, a.num_examples))
-            result["label"] = label or result["mode"]
+            exits = parse_depths(a.exits, read_args(ckpt)[0].n_layers, "--exits") if a.exits else None
+            result = analyze(ckpt, held_out_of(ckpt, a.data, a.num_examples), a.tokenizer, device, dtype, exits,
+                             a.batch_size)
+            result["label"] = label or result["mode"] or ckpt
             results.append(result)
         labels = [r["label"] for r in results]
         for r in results:

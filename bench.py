@@ -30,7 +30,7 @@ import time
 import torch
 
 from data import DataError, alpaca_prompt, exact_match, held_out
-from generate import generate
+from generate import generate, generate_batch
 from load_llama import (CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer, parse_depths, read_json,
                         resolve, trained_exits)
 from model import ModelArgs, Transformer, default_exits, init_weights
@@ -99,9 +99,10 @@ def weight_bytes(model: Transformer, depth: int) -> int:
     return blocks + sum(p.numel() * p.element_size() for p in (head.norm.weight, head.output.weight))
 
 
-def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_len: int, new_tokens: int):
+def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_len: int, new_tokens: int,
+                    n_random: int = 4):
     """(prompts, references, tokenizer, max_new_tokens): held-out built-in tasks for a checkpoint trained on them,
-    else 4 random prompts and a fixed number of new tokens."""
+    else n_random random prompts and a fixed number of new tokens."""
     if ckpt:
         config = read_json(os.path.join(resolve(ckpt), "params.json")).get("train_config") or {}
         records = held_out(config)[:num_eval]
@@ -110,7 +111,7 @@ def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_
             prompts = [tok.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
             return prompts, [r["output"] for r in records], tok, 64
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, model.args.vocab_size, (4, prompt_len), generator=g).tolist()
+    prompts = torch.randint(3, model.args.vocab_size, (n_random, prompt_len), generator=g).tolist()
     return prompts, None, None, new_tokens
 
 
@@ -210,6 +211,29 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     return rows
 
 
+def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int], rounds: int) -> list[dict]:
+    """The same prompts decoded at full depth in batches of each size (generate_batch), timed in interleaved
+    rounds: tokens/s (answer tokens only, not what a row that has stopped computes meanwhile) against batch 1."""
+    def run(b):
+        return lambda: [out for s in range(0, len(prompts), b)
+                        for out in generate_batch(model, prompts[s:s + b], max_new, eos_id=eos)]
+    configs = {b: run(b) for b in batches}
+    with torch.inference_mode():
+        outs = {b: fn() for b, fn in configs.items()}  # untimed: the warm-up, and the answers to compare
+        seconds, _ = interleaved(configs, rounds)
+    n_tokens = sum(len(o) for o in outs[batches[0]])
+    print(f"\nbatched decoding: {label}; {len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} "
+          f"tokens, {n_tokens} answer tokens in all, full depth, greedy, median of {rounds} rounds")
+    print(f"{'batch':>6}{'tok/s':>10}{'x':>7}{'= batch 1':>11}")
+    rows = []
+    for b in batches:
+        tps = n_tokens / seconds[b]
+        rows.append(dict(batch=b, tokens_per_s=round(tps, 1), speedup=round(seconds[batches[0]] / seconds[b], 2),
+                         identical_to_batch_1=outs[b] == outs[batches[0]]))
+        print(f"{b:>6}{tps:>10.1f}{rows[-1]['speedup']:>7.2f}{'yes' if rows[-1]['identical_to_batch_1'] else 'no':>11}")
+    return rows
+
+
 # --- the train step
 
 def train_step_fn(mode: str, dim: int, seq: int, batch: int):
@@ -288,7 +312,7 @@ def bench_train(dim: int, seq: int, batch: int, rounds: int) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Decoding and train-step benchmarks.")
-    p.add_argument("--only", choices=["decode", "train"], default=None)
+    p.add_argument("--only", choices=["decode", "batch", "train"], default=None)
     p.add_argument("--ckpt", default=None,
                    help="checkpoint to decode with (default: random weights of the shape below)")
     p.add_argument("--dim", type=int, default=1024)
@@ -305,6 +329,7 @@ def main(argv=None):
     p.add_argument("--draft_confidence", type=float, default=0.5, help="drafts stop below this top probability")
     p.add_argument("--thresholds", default="0.5,0.8,0.9,0.95,0.99", help="early-exit confidence thresholds")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every configuration")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes to decode the first 16 prompts with")
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
     p.add_argument("--train_dim", type=int, default=256)
     p.add_argument("--train_seq", type=int, default=256)
@@ -326,11 +351,21 @@ def main(argv=None):
             raise DataError(f"--thresholds {a.thresholds!r}: expected comma-separated numbers")
         if a.plot:
             import_matplotlib()
-        if a.only in (None, "decode"):
+        try:
+            batches = sorted({int(x) for x in a.batches.split(",")})
+        except ValueError:
+            raise DataError(f"--batches {a.batches!r}: expected comma-separated sizes")
+        if a.only in (None, "decode", "batch"):
             model = load_model(a.ckpt, dtype=torch.float32) if a.ckpt else random_model(ModelArgs(
                 dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
                 max_seq_len=a.prompt_len + a.new_tokens + 8)).eval()
             n = model.args.n_layers
+        if a.only in (None, "batch"):
+            prompts, _, tok, max_new = decode_workload(a.ckpt, model, max(batches), a.prompt_len, a.new_tokens,
+                                                       n_random=max(batches))
+            report["batch"] = bench_batch(model, a.ckpt or "random weights", prompts[:max(batches)], max_new,
+                                          tok.eos_id if tok else None, batches, a.rounds)
+        if a.only in (None, "decode"):
             exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
             depths = sorted(set(parse_depths(a.depths, n, "--depths") if a.depths else exits) | {n})
             prompts, refs, tok, max_new = decode_workload(a.ckpt, model, a.num_eval, a.prompt_len, a.new_tokens)

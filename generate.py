@@ -50,11 +50,59 @@ def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=N
 
 # --- decoding with the KV cache
 
-def next_logits(model: Transformer, tokens, pos: int, depth: int):
-    """Feed tokens (1, T) at positions pos.. through the first `depth` layers, which write their keys and values
-    to the cache: the prompt at 0 (prefill), then one token at a time (decode). Logits (1, V) of the last one."""
-    h = model.run_layers(model.tok_embeddings(tokens), pos, 0, depth)
+def next_logits(model: Transformer, tokens, pos: int, depth: int, pad=None):
+    """Feed tokens (B, T) at columns pos.. through the first `depth` layers, which write their keys and values
+    to the cache: the prompt at 0 (prefill), then one token at a time (decode). Logits (B, V) of the last one.
+    pad: see Transformer.run_layers."""
+    h = model.run_layers(model.tok_embeddings(tokens), pos, 0, depth, pad)
     return model.head(h[:, -1], depth)
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, layers: int | None = None,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   eos_id: int | None = None, seed: int | None = None, on_token=None) -> list[list[int]]:
+    """The new token ids of each prompt (without the EOS that stopped it), all decoded together by the
+    depth-`layers` sub-model (default: all layers).
+
+    The prompts are left-padded to the longest; each row has positions of its own from 0 and a mask that hides
+    its padding (Transformer.run_layers), and stops at its own EOS, while the batch runs on until every row has
+    stopped. At most max_seq_len minus the longest prompt new tokens. on_token(row, id) sees tokens as they come.
+    """
+    n = model.args.n_layers
+    depth = layers or n
+    assert 1 <= depth <= n, f"layers={depth} outside 1..{n}"
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) < 1 or max(lengths) >= model.args.max_seq_len:
+        raise ValueError(f"prompts of {min(lengths, default=0)}..{max(lengths, default=0)} tokens; each must be "
+                         f"1..{model.args.max_seq_len - 1} (max_seq_len)")
+    T = max(lengths)
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
+    out = [[] for _ in prompts]
+    device = model.output.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    pad = torch.tensor([T - k for k in lengths], device=device)
+    pad = pad if pad.any() else None  # prompts of one length need no mask: the plain causal path
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), padding first
+    live = set(range(len(prompts)))  # the rows still decoding
+    model.setup_cache(len(prompts), T + max_new_tokens)
+    try:
+        logits = next_logits(model, tokens, 0, depth, pad)
+        for col in range(T, T + max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            for b, t in enumerate(token.tolist()):
+                if b in live and t == eos_id:
+                    live.remove(b)
+                elif b in live:
+                    out[b].append(t)
+                    if on_token:
+                        on_token(b, t)
+            if not live or col == T + max_new_tokens - 1:
+                break
+            logits = next_logits(model, token[:, None], col, depth, pad)
+        return out
+    finally:
+        model.drop_cache()
 
 
 @torch.no_grad()
@@ -62,13 +110,15 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int | None = None, on_token=None,
              draft_layers: int | None = None, num_speculations: int = 8, draft_confidence: float = 0.5,
-             early_exit: float | None = None, exits: list[int] | None = None, stats: dict | None = None) -> list[int]:
+             early_exit: float | list[float] | None = None, exits: list[int] | None = None,
+             stats: dict | None = None) -> list[int]:
     """New token ids (without the EOS that stopped them), one of three ways:
 
-    plain: the depth-`layers` sub-model (default: all layers), prefill then one token per step;
+    plain: the depth-`layers` sub-model (default: all layers), prefill then one token per step (generate_batch);
     draft_layers=K: lossless self-speculative decoding, the first K layers drafting up to num_speculations tokens
         (fewer where their top probability drops below draft_confidence);
-    early_exit=threshold: each token leaves at the first of `exits` whose top probability reaches it.
+    early_exit=threshold: each token leaves at the first of `exits` whose top probability reaches it (one
+        threshold for all, or one per exit below the last: the paper's 0.95, 0.95, 0.9, ... for 13B).
     on_token(id) is called as tokens are produced; `stats`, if given, receives acceptance or exit depths.
     """
     n = model.args.n_layers
@@ -77,6 +127,10 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     T = len(prompt_ids)
     if not 0 < T < model.args.max_seq_len:
         raise ValueError(f"the prompt is {T} tokens; it must be 1..{model.args.max_seq_len - 1} (max_seq_len)")
+    if not (draft_layers or early_exit is not None):
+        return generate_batch(model, [prompt_ids], max_new_tokens, layers=depth, temperature=temperature, top_k=top_k,
+                              top_p=top_p, eos_id=eos_id, seed=seed,
+                              on_token=on_token and (lambda _, token: on_token(token)))[0]
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
     if max_new_tokens < 1:
         return []
@@ -102,15 +156,11 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
             assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
             speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size,
                       eos_id, stats, (temperature, top_k, top_p, generator))
-        elif early_exit is not None:
-            exit_early(model, prompt, sorted(set(exits or default_exits(n)) | {n}), early_exit, pick, emit, size, stats)
         else:
-            logits = next_logits(model, prompt, 0, depth)
-            for pos in range(T, T + max_new_tokens):
-                token = pick(logits)  # (1,)
-                if emit(token.item()):
-                    break
-                logits = next_logits(model, token.view(1, 1), pos, depth)
+            exits = sorted(set(exits or default_exits(n)) | {n})
+            thresholds = list(early_exit) if isinstance(early_exit, (list, tuple)) else [early_exit] * len(exits[:-1])
+            assert len(thresholds) == len(exits) - 1, f"{len(thresholds)} thresholds for the exits {exits[:-1]}"
+            exit_early(model, prompt, exits, dict(zip(exits, thresholds)), pick, emit, size, stats)
         return out
     finally:
         model.drop_cache()
@@ -186,8 +236,9 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
         pos += len(new)
 
 
-def exit_early(model, prompt, exits, threshold, pick, emit, size, stats):
-    """Confidence-based early exit with exact KV entries for the layers a token skipped.
+def exit_early(model, prompt, exits, thresholds: dict, pick, emit, size, stats):
+    """Confidence-based early exit with exact KV entries for the layers a token skipped: a token leaves at the
+    first exit e whose top probability reaches thresholds[e].
 
     A token that leaves at exit e has no keys and values in layers above e. They are computed, from the hidden
     state it really had at e, the first time a later token goes deeper than e, batched with that token.
@@ -211,7 +262,7 @@ def exit_early(model, prompt, exits, threshold, pick, emit, size, stats):
             saved[:, m:pos], depth[m:pos] = x[:, :-1], [e] * (pos - m)
             h = x[:, -1:]
             logits = model.head(h[:, -1], e)
-            if e == L or torch.softmax(logits.float(), -1).max() >= threshold:
+            if e == L or torch.softmax(logits.float(), -1).max() >= thresholds[e]:
                 break
             prev = e
         saved[:, pos], depth[pos] = h[:, 0], e
@@ -255,8 +306,9 @@ def get_args(argv=None):
     p.add_argument("--num_speculations", type=int, default=8, metavar="N", help="most tokens per draft")
     p.add_argument("--draft_confidence", type=float, default=0.5,
                    help="a draft stops where its top probability falls below this (0: always N tokens)")
-    p.add_argument("--early_exit", type=float, default=None, metavar="THRESHOLD",
-                   help="each token leaves at the first trained exit whose top probability reaches THRESHOLD")
+    p.add_argument("--early_exit", default=None, metavar="THRESHOLD[,...]",
+                   help="each token leaves at the first trained exit whose top probability reaches THRESHOLD: one "
+                        "value, or one per exit below the last (e.g. 0.95,0.9,0.8,0.7)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
@@ -267,6 +319,20 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 elsewhere")
     return p.parse_args(argv)
+
+
+def parse_thresholds(text: str, below_last: list[int]) -> float | list[float]:
+    """--early_exit: one threshold for every exit, or one for each exit below the last."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise DataError(f"--early_exit {text!r}: expected a number or comma-separated numbers")
+    if len(values) == 1:
+        return values[0]
+    if len(values) != len(below_last):
+        raise DataError(f"--early_exit {text}: {len(values)} thresholds, but the exits below the last are "
+                        f"{below_last}: give one value or {len(below_last)}")
+    return values
 
 
 def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -317,12 +383,26 @@ def main(argv=None):
         elif a.early_exit is not None:
             if a.compare is not None or a.layers is not None:
                 raise DataError("--early_exit picks the depth of each token: drop --layers and --compare")
-            speed = dict(early_exit=a.early_exit, exits=trained_exits(a.ckpt, n))
-            label = f"early exit at top probability >= {a.early_exit:g}, exits {speed['exits']}"
+            exits = trained_exits(a.ckpt, n)
+            speed = dict(early_exit=parse_thresholds(a.early_exit, [e for e in exits if e < n]), exits=exits)
+            label = f"early exit at top probability >= {a.early_exit}, exits {exits}"
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
 
     print(text, end="" if a.raw else "\n")
+    if a.num_samples > 1 and not speed:  # the samples of a depth decoded together, as one batch
+        for depth in depths:
+            t0 = time.perf_counter()
+            samples = generate_batch(model, [prompt_ids] * a.num_samples, a.max_new_tokens, layers=depth,
+                                     temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                     eos_id=tokenizer.eos_id, seed=a.seed)
+            dt = time.perf_counter() - t0
+            for i, ids in enumerate(samples):
+                print(f"--- layers {depth}/{n}, sample {i + 1}\n{tokenizer.decode(ids)}")
+            n_tokens = sum(len(ids) for ids in samples)
+            print(f"[{a.num_samples} samples decoded together, {n_tokens} tokens in {dt:.2f} s: "
+                  f"{n_tokens / dt:.1f} tokens/s]")
+        return
     for depth in depths:
         for i in range(a.num_samples):
             print(f"--- {label or f'layers {depth}/{n}'}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))

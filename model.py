@@ -84,10 +84,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, head_dim) by position. Meta's layout: dims (2i, 2i+1) form one rotating pair."""
+    """Rotate x (B, T, H, head_dim) by position: cos, sin (T, head_dim/2), or (B, T, head_dim/2) when each row has
+    positions of its own. Meta's layout: dims (2i, 2i+1) form one rotating pair."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2), broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -120,7 +121,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None  # a KVCache while decoding, None while training
 
-    def forward(self, x, cos, sin, start_pos: int):
+    def forward(self, x, cos, sin, start_pos: int, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -130,10 +131,11 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # every key so far: (B, n_kv_heads, start_pos + T, head_dim)
         # query i sits at position start_pos + i and sees the keys up to there: causal from position 0, a
-        # shifted triangle for a chunk on top of the cache, everything for a single new token
-        causal = start_pos == 0 and T > 1
-        mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos) \
-            if start_pos > 0 and T > 1 else None
+        # shifted triangle for a chunk on top of the cache, everything for a single new token (unless a batch of
+        # padded rows brings its own mask)
+        causal = mask is None and start_pos == 0 and T > 1
+        if mask is None and start_pos > 0 and T > 1:
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
         gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads queries shares a key
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -159,8 +161,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, start_pos: int, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -210,14 +212,26 @@ class Transformer(nn.Module):
             depth = e
         return hidden
 
-    def run_layers(self, h, start_pos: int, first: int, last: int):
-        """Blocks first+1..last (1-based) on hidden states h (B, T, dim) at positions start_pos.."""
+    def run_layers(self, h, start_pos: int, first: int, last: int, pad=None):
+        """Blocks first+1..last (1-based) on hidden states h (B, T, dim) at columns start_pos.. of the sequence
+        (and of the KV cache). pad (B,), for a batch of left-padded prompts: row b's first pad[b] columns are
+        padding, its tokens sit at positions column - pad[b], and no row attends to its padding."""
         assert 0 <= first <= last <= self.args.n_layers, (first, last)
-        assert start_pos + h.size(1) <= self.args.max_seq_len, "sequence longer than max_seq_len"
-        cos = self.rope_cos[start_pos:start_pos + h.size(1)]
-        sin = self.rope_sin[start_pos:start_pos + h.size(1)]
+        T = h.size(1)
+        assert start_pos + T <= self.args.max_seq_len, "sequence longer than max_seq_len"
+        mask = None
+        if pad is None:
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        else:
+            columns = torch.arange(start_pos, start_pos + T, device=h.device)  # of the queries
+            positions = (columns - pad[:, None]).clamp(min=0)  # (B, T); padding columns get position 0, unused
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim/2)
+            keys = torch.arange(start_pos + T, device=h.device)[None, None]  # every column up to the last query
+            mask = (keys >= pad[:, None, None]) & (keys <= columns[None, :, None])  # (B, T, S)
+            mask = mask | (keys == columns[None, :, None])  # a padding column sees itself: no softmax over nothing
+            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
         for layer in self.layers[first:last]:
-            h = layer(h, cos, sin, start_pos)
+            h = layer(h, cos, sin, start_pos, mask)
         return h
 
     def head(self, h, depth: int | None = None):

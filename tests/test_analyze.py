@@ -1,12 +1,13 @@
-"""The analysis metrics and the SFT+ICT baseline, on a tiny model."""
+"""The analysis metrics, the SFT+ICT baseline, and analysis of any checkpoint layout, on tiny models."""
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from analyze import cosine, kl_divergence
-from conftest import assert_close, run_main
+from conftest import assert_close, assert_one_line_error, random_model, run_main, tiny_args
 from data import exact_match
 from test_train import FAST
 
@@ -66,3 +67,43 @@ def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
     assert abs(last["cosine_to_last"] - 1) < 1e-5
     for row in results[0]["exits"]:
         assert 0 <= row["accuracy"] <= 1 and row["val_loss"] > 0
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_analyze_reads_hugging_face_and_meta_folders(tmp_path, tokenizer_path, layout):
+    from data import builtin_records
+    from load_llama import export_hf, save_model
+    from test_load import write_meta
+    model = random_model(tiny_args(max_seq_len=160))
+    if layout == "hf":
+        ours = str(tmp_path / "ours")
+        save_model(model.state_dict(), model.args, ours, tokenizer_path)
+        export_hf(ours, str(tmp_path / "model"))
+    else:
+        write_meta(model, str(tmp_path / "model"), 2)
+    ckpt = str(tmp_path / "model")
+    rc, _, err = run_main("analyze.py", "--ckpt", ckpt, "--tokenizer", tokenizer_path)
+    assert_one_line_error(rc, err, "--data")  # no held-out split of ours to fall back on
+    data = tmp_path / "alpaca.json"  # an Alpaca file: references, but nothing to check answers against
+    json.dump([{k: r[k] for k in ("instruction", "input", "output")} for r in builtin_records(10, seed=3)],
+              open(data, "w"))
+    rc, out, err = run_main("analyze.py", "--ckpt", ckpt, "--tokenizer", tokenizer_path, "--data", str(data),
+                            "--exits", "1,3", "--batch_size", "4", "--dtype", "float32", "--json",
+                            str(tmp_path / "a.json"))
+    assert rc == 0, err
+    result = json.load(open(tmp_path / "a.json"))[0]
+    assert [r["exit"] for r in result["exits"]] == [1, 3, 4] and result["n_examples"] == 10
+    for r in result["exits"]:
+        assert "accuracy" not in r and r["val_loss"] > 0 and 0 <= r["top1_agreement"] <= 1
+    last = result["exits"][-1]
+    assert last["top1_agreement"] == 1.0 and abs(last["kl_last_exit"]) < 1e-5
+    # the figures are those of the same weights in our layout
+    ours = str(tmp_path / "ours_again")
+    save_model(model.state_dict(), model.args, ours, tokenizer_path)
+    rc, _, err = run_main("analyze.py", "--ckpt", ours, "--data", str(data), "--exits", "1,3", "--json",
+                          str(tmp_path / "b.json"))
+    assert rc == 0, err
+    mine = json.load(open(tmp_path / "b.json"))[0]
+    tol = 2e-2 if layout == "meta" else 1e-4  # Meta's files hold bfloat16
+    for a, b in zip(result["exits"], mine["exits"]):
+        assert abs(a["val_loss"] - b["val_loss"]) <= tol * b["val_loss"], (a, b)

@@ -15,7 +15,7 @@ def ckpt(tmp_path_factory, tokenizer_path):
     """A tiny checkpoint in our layout with the tiny tokenizer beside it."""
     folder = str(tmp_path_factory.mktemp("ckpt") / "ours")
     model = random_model(tiny_args(max_seq_len=160))
-    save_model(model.state_dict(), model.args, folder, tokenizer_path, exits=[2, 4])
+    save_model(model.state_dict(), model.args, folder, tokenizer_path, exits=[2, 3, 4])
     return folder
 
 
@@ -28,6 +28,13 @@ def test_generate_streams_at_a_depth_and_compares_exits(ckpt):
     assert "layers 2/4" in out and "layers 4/4" in out  # the exits recorded in params.json
 
 
+def test_samples_are_decoded_together(ckpt):
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--layers", "3", "--temperature", "1.0",
+                            "--num_samples", "3", "--max_new_tokens", "5")
+    assert rc == 0, err
+    assert "sample 3" in out and "3 samples decoded together" in out
+
+
 def test_generate_speculative_and_early_exit_flags(ckpt):
     rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--draft_layers", "2", "--num_speculations", "3",
                               "--max_new_tokens", "6")
@@ -36,6 +43,11 @@ def test_generate_speculative_and_early_exit_flags(ckpt):
     rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--early_exit", "0.5", "--max_new_tokens", "6")
     assert rc == 0, err
     assert "mean exit depth" in out
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--early_exit", "0.9,0.6", "--max_new_tokens", "6")
+    assert rc == 0, err  # a threshold per exit below the last (2 and 3)
+    assert "mean exit depth" in out and ">= 0.9,0.6" in out
+    rc, _, err = run_main("generate.py", "--ckpt", ckpt, "--early_exit", "0.9,0.6,0.5")
+    assert_one_line_error(rc, err, "--early_exit", "3 thresholds", "[2, 3]")
     rc, _, err = run_main("generate.py", "--ckpt", ckpt, "--draft_layers", "4")
     assert_one_line_error(rc, err, "--draft_layers 4", "1..3")
 

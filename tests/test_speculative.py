@@ -108,9 +108,9 @@ def test_drafts_stop_at_eos():
     seen = []
     run_layers = model.run_layers
 
-    def spy(h, start_pos, first, last):
+    def spy(h, start_pos, first, last, pad=None):
         seen.append(start_pos + h.size(1))
-        return run_layers(h, start_pos, first, last)
+        return run_layers(h, start_pos, first, last, pad)
     model.run_layers = spy
     stats = {}
     out = generate(model, PROMPT, 30, draft_layers=2, num_speculations=8, draft_confidence=0.0, eos_id=eos, stats=stats)
@@ -138,20 +138,22 @@ def test_early_exit_extremes(seed):
 
 @torch.no_grad()
 def reference_early_exit(model, prompt, n, exits, threshold):
-    """Early exit by brute force: every step recomputes every layer of the whole sequence, no cache."""
+    """Early exit by brute force: every step recomputes every layer of the whole sequence, no cache. threshold:
+    one for all exits, or a list with one per exit below the last."""
+    thresholds = threshold if isinstance(threshold, list) else [threshold] * (len(exits) - 1)
     seq, depths = list(prompt), []
     for _ in range(n):
         hidden = model(torch.tensor([seq]), exits=exits)
-        for e, h in zip(exits, hidden):
+        for e, h, t in zip(exits, hidden, thresholds + [None]):
             logits = model.head(h[0, -1], e)
-            if e == exits[-1] or torch.softmax(logits, -1).max() >= threshold:
+            if e == exits[-1] or torch.softmax(logits, -1).max() >= t:
                 break
         seq.append(int(logits.argmax()))
         depths.append(e)
     return seq[len(prompt):], depths
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, [0.9, 0.4], [0.3, 0.95]])
 def test_early_exit_computes_skipped_layers_exactly(trained, task_prompt, threshold):
     exits = [2, 3, 4]
     stats = {}
