@@ -116,7 +116,7 @@ def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_
 
 
 def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num_speculations: int,
-                   draft_confidence: float, thresholds: list[float], with_hf: bool) -> dict:
+                   draft_confidence: float, thresholds: list, with_hf: bool, compile: bool = False) -> dict:
     """Every configuration to time, by name: a function of a list of prompts returning (outputs, stats)."""
     n = model.args.n_layers
 
@@ -134,7 +134,13 @@ def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num
         configs[f"self-speculative K={k}"] = ours(draft_layers=k, num_speculations=num_speculations,
                                                   draft_confidence=draft_confidence)
     for t in thresholds if speculate else []:
-        configs[f"early exit {t:g}"] = ours(early_exit=t, exits=exits)
+        name = f"early exit {t:g}" if isinstance(t, float) else "early exit " + ",".join(f"{x:g}" for x in t)
+        configs[name] = ours(early_exit=t, exits=exits)
+    if compile:  # the same decoding through compiled graphs (generate.layers_fn)
+        configs[f"compiled depth {n}"] = ours(layers=n, compile=True)
+        for k in [d for d in depths if d < n and speculate]:
+            configs[f"compiled self-speculative K={k}"] = ours(draft_layers=k, num_speculations=num_speculations,
+                                                               draft_confidence=draft_confidence, compile=True)
     hf = hf_model(model) if with_hf else None
     if hf is not None:
         def hf_run(**kw):
@@ -153,6 +159,24 @@ def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num
     return configs
 
 
+PAPER_THRESHOLDS = {0.3: 0.95, 0.4: 0.95, 0.5: 0.9, 0.6: 0.9, 0.7: 0.8, 0.8: 0.8, 0.9: 0.7}  # 13B: layers 12..36 of 40
+
+
+def exit_thresholds(text: str, below_last: list[int], n_layers: int) -> list[list[float]]:
+    """--exit_thresholds as a list of one threshold list (or none): given, or the paper's at the nearest depth."""
+    if text == "none" or not below_last:
+        return []
+    if text == "paper":
+        return [[PAPER_THRESHOLDS[min(PAPER_THRESHOLDS, key=lambda f: abs(f - e / n_layers))] for e in below_last]]
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise DataError(f"--exit_thresholds {text!r}: expected comma-separated numbers, 'paper' or 'none'")
+    if len(values) != len(below_last):
+        raise DataError(f"--exit_thresholds has {len(values)} values for the {len(below_last)} exits {below_last}")
+    return [values]
+
+
 def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: int, num_prompts: int) -> list[dict]:
     """Time every configuration on the prompts, check its answers, print the table; the rows."""
     n = model.args.n_layers
@@ -164,7 +188,11 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
         workloads = {"all tasks": workloads["all"], "long answers": long[:num_prompts]}
     workloads = {w: idx for w, idx in workloads.items() if idx}  # a checkpoint whose tasks all answer short has none
     with torch.inference_mode():
-        results = {name: fn(prompts) for name, fn in configs.items()}  # outputs on every prompt, untimed (warm-up)
+        first_pass, results = {}, {}
+        for name, fn in configs.items():  # outputs on every prompt, untimed: the warm-up, and compiling
+            t0 = time.perf_counter()
+            results[name] = fn(prompts)
+            first_pass[name] = time.perf_counter() - t0
         seconds = {}
         for w, idx in workloads.items():
             per_prompt = {name: (lambda i, fn=fn: fn([prompts[i]])) for name, fn in configs.items()}
@@ -200,6 +228,9 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
             row["mean_exit_depth"] = round(sum(depth_list) / len(depth_list), 2)
         if refs:
             row["accuracy"] = round(sum(exact_match(tok.decode(o), r) for o, r in zip(outs, refs)) / len(refs), 4)
+        if name.startswith("compiled"):  # the first pass over all prompts, less what it takes once compiled
+            steady = sum(len(o) for o in outs) / tps[name, list(workloads)[0]]
+            row["compile_s"] = round(first_pass[name] - steady, 1)
         rows.append(row)
         print(f"{name:<28}"
               + "".join(f"{row[f'tokens_per_s ({w})']:>20.1f}{row[f'speedup ({w})']:>6.2f}" for w in workloads)
@@ -207,7 +238,8 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
               + (f"{row['acceptance']:>8.0%}" if "acceptance" in row else " " * 8)
               + (f"{row['mean_exit_depth']:>10.2f}" if "mean_exit_depth" in row else " " * 10)
               + f"{'yes' if row['identical_to_full'] else 'no':>7}"
-              + (f"{row['accuracy']:>9.1%}" if refs else ""))
+              + (f"{row['accuracy']:>9.1%}" if refs else "")
+              + (f"   compiling took about {row['compile_s']:.0f} s" if "compile_s" in row else ""))
     return rows
 
 
@@ -328,6 +360,12 @@ def main(argv=None):
     p.add_argument("--num_speculations", type=int, default=8, help="most tokens a draft proposes")
     p.add_argument("--draft_confidence", type=float, default=0.5, help="drafts stop below this top probability")
     p.add_argument("--thresholds", default="0.5,0.8,0.9,0.95,0.99", help="early-exit confidence thresholds")
+    p.add_argument("--exit_thresholds", default="paper",
+                   help="one more early-exit row with a threshold per exit below the last, comma-separated; "
+                        "'paper': the paper's 13B thresholds (0.95 0.95 0.9 0.9 0.8 0.8 0.7 at 30..90%% depth) "
+                        "at the nearest relative depth; 'none' for no such row")
+    p.add_argument("--compile", action="store_true", help="also time compiled full-depth and self-speculative "
+                                                          "decoding, and what compiling costs")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every configuration")
     p.add_argument("--batches", default="1,4,16", help="batch sizes to decode the first 16 prompts with")
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -370,8 +408,10 @@ def main(argv=None):
             depths = sorted(set(parse_depths(a.depths, n, "--depths") if a.depths else exits) | {n})
             prompts, refs, tok, max_new = decode_workload(a.ckpt, model, a.num_eval, a.prompt_len, a.new_tokens)
             # a random model's exits disagree with its last layer: drafts and early exits have nothing to show
+            per_exit = exit_thresholds(a.exit_thresholds, [e for e in exits if e < n], n)
             configs = decode_configs(model, depths, exits, max_new, tok.eos_id if tok else None, a.ckpt is not None,
-                                     a.num_speculations, a.draft_confidence, thresholds, not a.no_hf)
+                                     a.num_speculations, a.draft_confidence, thresholds + per_exit, not a.no_hf,
+                                     a.compile)
             report["decode"] = bench_decode(model, a.ckpt or "random weights", configs, prompts, refs, tok, a.rounds,
                                             a.num_prompts)
         if a.only in (None, "train"):

@@ -98,7 +98,8 @@ def dataset(path: str | None, val_size: int, num_examples: int, pretrain: bool =
 
 def held_out(train_config: dict, data: str | None = None) -> list[dict]:
     """The records a training run with this configuration (a checkpoint's train_config) kept for validation,
-    or those `data` would give."""
+    or those `data` would give. A pretrained base (--pretrain) is scored on the built-in instruction tasks it
+    has not been tuned on, not on its held-out documents."""
     path = data if data is not None else train_config.get("data")
     return dataset(path, train_config.get("val_size", 256), train_config.get("num_examples", 32000))[1]
 

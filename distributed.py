@@ -166,7 +166,8 @@ def shard_of(full: torch.Tensor, p) -> torch.Tensor:
 
 @torch.no_grad()
 def load_weights(model, tensors, where: str, optional: str = "exit_heads."):
-    """Copy full tensors (name, tensor), one at a time, into the parameters.
+    """Copy full tensors (name, tensor), one at a time, into the parameters; returns the names of the optional
+    ones that were absent.
 
     Each rank cuts its slice on the CPU and moves only that to its device. Parameters under `optional` may be
     absent (an SFT checkpoint has no ICT heads yet).
@@ -184,6 +185,7 @@ def load_weights(model, tensors, where: str, optional: str = "exit_heads."):
     missing = sorted(n for n in params if not n.startswith(optional))
     if missing:
         raise CheckpointError(f"{where}: no weights for {', '.join(missing[:3])}")
+    return sorted(params)
 
 
 # --- checkpoints

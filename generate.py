@@ -50,24 +50,78 @@ def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=N
 
 # --- decoding with the KV cache
 
-def next_logits(model: Transformer, tokens, pos: int, depth: int, pad=None):
-    """Feed tokens (B, T) at columns pos.. through the first `depth` layers, which write their keys and values
-    to the cache: the prompt at 0 (prefill), then one token at a time (decode). Logits (B, V) of the last one.
-    pad: see Transformer.run_layers."""
-    h = model.run_layers(model.tok_embeddings(tokens), pos, 0, depth, pad)
-    return model.head(h[:, -1], depth)
+def layers_fn(model: Transformer, compile: bool = False):
+    """f(x, pos, first, last, pad=None, every=False) -> (hidden states (B, T, dim), logits (B, T or 1, V)): blocks
+    first+1..last on x (token ids (B, T) if first is 0, else hidden states) at columns pos.. of the KV cache,
+    then the head of depth `last` on every position (every) or on the last one.
+
+    Eager: Transformer.run_layers. Compiled: Transformer.decode_step, whose shapes do not depend on the position,
+    so that one graph serves every position: a graph for each range of layers and each chunk length, with
+    chunks of several tokens (prompts, verified drafts) right-padded to a power of two (their padding's cache
+    entries lie past every query that could read them, and are overwritten before any does), so that a few
+    graphs serve every length. On CUDA the graphs are replayed as CUDA graphs ("reduce-overhead"). The model
+    keeps its compiled functions: compiling costs once per process.
+    """
+    def step(x, pos, first, last, pad, every, end):
+        """end: where the last real token of x is (a tensor (1,) when compiled, so that padding costs no graph)."""
+        if compile:
+            h = model.decode_step(x, pos, first, last, pad)
+        else:
+            h = model.run_layers(model.tok_embeddings(x) if first == 0 else x, pos, first, last, pad)
+        return h, model.head(h if every else h.index_select(1, end), last)
+    if not compile:
+        return lambda x, pos, first, last, pad=None, every=False: step(
+            x, pos, first, last, pad, every, torch.tensor([x.size(1) - 1], device=x.device))
+    if getattr(model, "compiled_step", None) is None:
+        # a graph per range of layers, chunk size and batch size: more than dynamo's default of 8 for one
+        # function; the setting's name differs across torch versions
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+        cuda = model.output.weight.is_cuda
+        model.compiled_step = torch.compile(step, fullgraph=True, dynamic=False,
+                                            mode="reduce-overhead" if cuda else None)
+    device = model.output.weight.device
+
+    def compiled(x, pos, first, last, pad=None, every=False):
+        T, room = x.size(1), model.layers[0].attention.cache.k.size(2) - pos
+        size = min(1 << (T - 1).bit_length(), room)  # the next power of two, if the cache has room for it
+        if size > T:
+            x = torch.cat([x, x[:, -1:].expand(-1, size - T, *x.shape[2:])], dim=1)
+        h, logits = model.compiled_step(x, torch.tensor([pos], device=device), first, last, pad, every,
+                                        torch.tensor([T - 1], device=device))
+        if device.type == "cuda":  # a CUDA graph's next replay overwrites its outputs; drafts keep theirs a while
+            h, logits = h.clone(), logits.clone()
+        return h[:, :T], logits[:, :T]
+    return compiled
+
+
+def open_cache(model: Transformer, batch_size: int, size: int, compile: bool):
+    """Give the layers a KV cache for one decode: of `size` columns, or, compiled, of max_seq_len, the same one
+    from one call to the next while the batch size stays (the graphs are specialised to its shape, and CUDA
+    graphs to its memory); model.drop_cache() takes it off again, so that no other forward writes to it."""
+    if not compile:
+        return model.setup_cache(batch_size, size)
+    kept = getattr(model, "static_cache", None)
+    if kept is None or kept[0].k.size(0) != batch_size:
+        model.setup_cache(batch_size, model.args.max_seq_len)
+        model.static_cache = [layer.attention.cache for layer in model.layers]
+    for layer, cache in zip(model.layers, model.static_cache):
+        layer.attention.cache = cache
 
 
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, layers: int | None = None,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   eos_id: int | None = None, seed: int | None = None, on_token=None) -> list[list[int]]:
+                   eos_id: int | None = None, seed: int | None = None, on_token=None,
+                   compile: bool = False) -> list[list[int]]:
     """The new token ids of each prompt (without the EOS that stopped it), all decoded together by the
     depth-`layers` sub-model (default: all layers).
 
     The prompts are left-padded to the longest; each row has positions of its own from 0 and a mask that hides
-    its padding (Transformer.run_layers), and stops at its own EOS, while the batch runs on until every row has
-    stopped. At most max_seq_len minus the longest prompt new tokens. on_token(row, id) sees tokens as they come.
+    its padding (Transformer.run_layers, decode_step), and stops at its own EOS, while the batch runs on until
+    every row has stopped. At most max_seq_len minus the longest prompt new tokens. on_token(row, id) sees tokens
+    as they come. compile: through the compiled graphs of layers_fn.
     """
     n = model.args.n_layers
     depth = layers or n
@@ -85,9 +139,10 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     pad = pad if pad.any() else None  # prompts of one length need no mask: the plain causal path
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), padding first
     live = set(range(len(prompts)))  # the rows still decoding
-    model.setup_cache(len(prompts), T + max_new_tokens)
+    layers = layers_fn(model, compile)
+    open_cache(model, len(prompts), T + max_new_tokens, compile)
     try:
-        logits = next_logits(model, tokens, 0, depth, pad)
+        logits = layers(tokens, 0, 0, depth, pad)[1][:, -1]
         for col in range(T, T + max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             for b, t in enumerate(token.tolist()):
@@ -99,7 +154,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                         on_token(b, t)
             if not live or col == T + max_new_tokens - 1:
                 break
-            logits = next_logits(model, token[:, None], col, depth, pad)
+            logits = layers(token[:, None], col, 0, depth, pad)[1][:, -1]
         return out
     finally:
         model.drop_cache()
@@ -111,7 +166,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
              eos_id: int | None = None, seed: int | None = None, on_token=None,
              draft_layers: int | None = None, num_speculations: int = 8, draft_confidence: float = 0.5,
              early_exit: float | list[float] | None = None, exits: list[int] | None = None,
-             stats: dict | None = None) -> list[int]:
+             stats: dict | None = None, compile: bool = False) -> list[int]:
     """New token ids (without the EOS that stopped them), one of three ways:
 
     plain: the depth-`layers` sub-model (default: all layers), prefill then one token per step (generate_batch);
@@ -120,6 +175,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     early_exit=threshold: each token leaves at the first of `exits` whose top probability reaches it (one
         threshold for all, or one per exit below the last: the paper's 0.95, 0.95, 0.9, ... for 13B).
     on_token(id) is called as tokens are produced; `stats`, if given, receives acceptance or exit depths.
+    compile: plain and self-speculative decoding through compiled graphs (layers_fn); early exit ignores it and
+        stays eager.
     """
     n = model.args.n_layers
     depth = layers or n
@@ -130,7 +187,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
     if not (draft_layers or early_exit is not None):
         return generate_batch(model, [prompt_ids], max_new_tokens, layers=depth, temperature=temperature, top_k=top_k,
                               top_p=top_p, eos_id=eos_id, seed=seed,
-                              on_token=on_token and (lambda _, token: on_token(token)))[0]
+                              on_token=on_token and (lambda _, token: on_token(token)), compile=compile)[0]
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
     if max_new_tokens < 1:
         return []
@@ -150,12 +207,13 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
 
     prompt = torch.tensor([prompt_ids], device=device)
     size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
-    model.setup_cache(1, size)
+    compile = compile and bool(draft_layers)
+    open_cache(model, 1, size, compile)
     try:
         if draft_layers:
             assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
             speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size,
-                      eos_id, stats, (temperature, top_k, top_p, generator))
+                      eos_id, stats, (temperature, top_k, top_p, generator), layers_fn(model, compile))
         else:
             exits = sorted(set(exits or default_exits(n)) | {n})
             thresholds = list(early_exit) if isinstance(early_exit, (list, tuple)) else [early_exit] * len(exits[:-1])
@@ -166,7 +224,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
         model.drop_cache()
 
 
-def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, sampling):
+def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, sampling, layers):
     """Self-speculative decoding: layers 1..K draft up to N tokens, layers K+1..L verify from their hidden states.
 
     The verifier never recomputes the first K layers: it starts from the hidden states the draft left after
@@ -178,7 +236,7 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
     """
     L = model.args.n_layers
     temperature, top_k, top_p, generator = sampling
-    token = pick(next_logits(model, prompt, 0, L))
+    token = pick(layers(prompt, 0, 0, L)[1][:, -1])
     pos = prompt.size(1)  # position of `token`, which no layer has seen yet
     drafted = accepted = 0
     if emit(token.item()):
@@ -188,11 +246,11 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
         x = token
         limit = min(N, end - 2 - pos)  # a cycle adds its drafts and one more token, all before position `end`
         for i in range(limit + 1):
-            h = model.run_layers(model.tok_embeddings(x.view(1, 1)), pos + i, 0, K)  # (1, 1, dim)
+            h, draft_logits = layers(x.view(1, 1), pos + i, 0, K)  # (1, 1, dim), (1, 1, V)
             hidden.append(h)  # the verifier continues from here, for x and for every draft before it
             if i == limit:
                 break
-            probs = logits_to_probs(model.head(h[0, -1], K), temperature or 1.0, top_k, top_p)
+            probs = logits_to_probs(draft_logits[0, -1], temperature or 1.0, top_k, top_p)
             if probs.max() < confidence:  # the draft is unsure: let the full model take the next token itself
                 break
             if temperature == 0.0:
@@ -204,8 +262,7 @@ def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, s
             if drafts[-1] == eos_id:  # nothing follows an accepted EOS: it needs no hidden state of its own
                 break
         n = len(drafts)
-        h = model.run_layers(torch.cat(hidden, dim=1), pos, K, L)  # (1, n+1, dim), or n after EOS: verified at once
-        logits = model.head(h[0], L)
+        logits = layers(torch.cat(hidden, dim=1), pos, K, L, every=True)[1][0]  # (n+1, V) (n after EOS) at once
         if temperature == 0.0:
             target = logits.argmax(-1).tolist()
             k = 0  # drafts accepted
@@ -309,6 +366,9 @@ def get_args(argv=None):
     p.add_argument("--early_exit", default=None, metavar="THRESHOLD[,...]",
                    help="each token leaves at the first trained exit whose top probability reaches THRESHOLD: one "
                         "value, or one per exit below the last (e.g. 0.95,0.9,0.8,0.7)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd graphs, one for every position (CUDA graphs on a GPU); "
+                        "not with --early_exit")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
@@ -383,6 +443,8 @@ def main(argv=None):
         elif a.early_exit is not None:
             if a.compare is not None or a.layers is not None:
                 raise DataError("--early_exit picks the depth of each token: drop --layers and --compare")
+            if a.compile:
+                raise DataError("--early_exit decodes eagerly: drop --compile")
             exits = trained_exits(a.ckpt, n)
             speed = dict(early_exit=parse_thresholds(a.early_exit, [e for e in exits if e < n]), exits=exits)
             label = f"early exit at top probability >= {a.early_exit}, exits {exits}"
@@ -392,10 +454,14 @@ def main(argv=None):
     print(text, end="" if a.raw else "\n")
     if a.num_samples > 1 and not speed:  # the samples of a depth decoded together, as one batch
         for depth in depths:
+            if a.compile:  # the first decode compiles its graphs: time it apart
+                t0 = time.perf_counter()
+                generate_batch(model, [prompt_ids] * a.num_samples, a.max_new_tokens, layers=depth, compile=True)
+                print(f"[compiled: the first decode took {time.perf_counter() - t0:.1f} s]")
             t0 = time.perf_counter()
             samples = generate_batch(model, [prompt_ids] * a.num_samples, a.max_new_tokens, layers=depth,
                                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                     eos_id=tokenizer.eos_id, seed=a.seed)
+                                     eos_id=tokenizer.eos_id, seed=a.seed, compile=a.compile)
             dt = time.perf_counter() - t0
             for i, ids in enumerate(samples):
                 print(f"--- layers {depth}/{n}, sample {i + 1}\n{tokenizer.decode(ids)}")
@@ -407,10 +473,14 @@ def main(argv=None):
         for i in range(a.num_samples):
             print(f"--- {label or f'layers {depth}/{n}'}" + (f", sample {i + 1}" if a.num_samples > 1 else ""))
             printer, stats = Printer(tokenizer), {}
+            decode = partial(generate, model, prompt_ids, a.max_new_tokens, layers=depth, temperature=a.temperature,
+                             top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id, seed=a.seed + i, **speed)
+            if a.compile and i == 0:  # the first decode at a depth compiles its graphs: time it apart
+                t0 = time.perf_counter()
+                decode(compile=True)
+                print(f"[compiled: the first decode took {time.perf_counter() - t0:.1f} s]")
             t0 = time.perf_counter()
-            ids = generate(model, prompt_ids, a.max_new_tokens, layers=depth, temperature=a.temperature,
-                           top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id, seed=a.seed + i, on_token=printer,
-                           stats=stats, **speed)
+            ids = decode(on_token=printer, stats=stats, compile=a.compile)
             dt = time.perf_counter() - t0
             extra = (f", {stats['acceptance']:.0%} of drafts accepted" if "acceptance" in stats else "") + \
                     (f", mean exit depth {stats['mean_exit_depth']:.2f}" if "mean_exit_depth" in stats else "")

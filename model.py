@@ -102,8 +102,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k, v):
-        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos.. and return everything up to their end."""
+    def update(self, start_pos, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos.. and return everything up to their end; with
+        start_pos a tensor (compiled decoding: one graph for every position), the whole cache, whose entries past
+        the last query its mask hides."""
+        if isinstance(start_pos, torch.Tensor):
+            columns = start_pos + torch.arange(k.size(2), device=k.device)
+            self.k.index_copy_(2, columns, k)
+            self.v.index_copy_(2, columns, v)
+            return self.k, self.v
         end = start_pos + k.size(2)
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
@@ -252,6 +259,27 @@ class Transformer(nn.Module):
     def add_exit_heads(self, exits: list[int]):
         for e in exits:
             self.exit_heads[str(e)] = Head(self.args)
+
+    def decode_step(self, x, pos, first: int, last: int, pad=None):
+        """Blocks first+1..last on x (token ids (B, T) when first is 0, else hidden states (B, T, dim)) at columns
+        pos.. of the KV cache, pos a tensor (1,). The shapes are the same wherever the tokens stand (the whole
+        static cache, a mask hiding the columns past each query), so that torch.compile makes one graph for
+        every position. Hidden states (B, T, dim). pad: as in run_layers."""
+        cache_len, T = self.layers[0].attention.cache.k.size(2), x.size(1)
+        columns = pos + torch.arange(T, device=pos.device)  # of the queries (T,)
+        keys = torch.arange(cache_len, device=pos.device)
+        mask = keys[None] <= columns[:, None]  # (T, S)
+        if pad is None:
+            positions = columns
+        else:
+            positions = (columns[None] - pad[:, None]).clamp(min=0)  # (B, T)
+            mask = mask[None] & (keys[None, None] >= pad[:, None, None])  # (B, T, S)
+            mask = mask | (keys[None, None] == columns[None, :, None])  # as in run_layers: no softmax over nothing
+        mask = mask.view(-1, 1, T, cache_len)  # broadcast over heads
+        h = self.tok_embeddings(x) if first == 0 else x
+        for layer in self.layers[first:last]:
+            h = layer(h, self.rope_cos[positions], self.rope_sin[positions], pos, mask)
+        return h
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None):
         """Give every layer a KV cache for decoding (dtype and device of the weights)."""

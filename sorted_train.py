@@ -159,8 +159,7 @@ def model_args(a, vocab_size: int | None, tokenizer_path: str | None = None) -> 
         preset = PRESETS[a.model]
         args = ModelArgs(**{**preset, **overrides, "vocab_size": vocab_size or preset["vocab_size"]})
     args.max_seq_len = max(args.max_seq_len, a.max_seq_len)
-    if a.no_exit_norm:
-        args.exit_norm = False
+    args.exit_norm = not a.no_exit_norm  # what this run trains, whatever --init was trained with
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise DataError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
                         "dim must divide into heads and heads into kv heads")
@@ -195,19 +194,21 @@ def build_model(args: ModelArgs, mode: str, exits, d: Dist, compute_dtype, activ
 
 
 def load_initial_weights(model, init: str | None, seed: int):
-    """--init's weights, or a random init drawn from the seed; an exit's own head starts as the shared head."""
+    """--init's weights, or a random init drawn from the seed; an exit's own head that --init does not have
+    starts as the shared head."""
     if init:
         layout_args, layout = read_args(init)
-        distributed.load_weights(model, iter_state_dict(resolve(init), layout_args, layout), init)
+        absent = distributed.load_weights(model, iter_state_dict(resolve(init), layout_args, layout), init)
     else:
         g = torch.Generator().manual_seed(seed)
-        shapes = [(n, p.shape) for n, p in model.named_parameters()]
-        distributed.load_weights(model, ((n, init_weights(n, s, model.args.n_layers, g)) for n, s in shapes),
-                                 "random init")
+        shapes = [(n, p.shape) for n, p in model.named_parameters() if not n.startswith("exit_heads.")]
+        absent = distributed.load_weights(model, ((n, init_weights(n, s, model.args.n_layers, g)) for n, s in shapes),
+                                          "random init")
     with torch.no_grad():
-        for head in model.exit_heads.values():
-            distributed.local(head.norm.weight).copy_(distributed.local(model.norm.weight))
-            distributed.local(head.output.weight).copy_(distributed.local(model.output.weight))
+        for e, head in model.exit_heads.items():
+            if f"exit_heads.{e}.output.weight" in absent:
+                distributed.local(head.norm.weight).copy_(distributed.local(model.norm.weight))
+                distributed.local(head.output.weight).copy_(distributed.local(model.output.weight))
 
 
 # --- data: the tokenizer (trained for the built-in tasks, or the one given), the examples
@@ -295,6 +296,11 @@ def resume_step(resume_from: str | None, objective, opt, d: Dist, global_batch: 
     if not resume_from:
         return 0
     saved = read_json(os.path.join(resume_from, "params.json"))
+    model = objective.model
+    if saved.get("exit_norm", True) != model.args.exit_norm or saved.get("exit_heads", []) != list(
+            map(int, model.exit_heads)):
+        raise DataError(f"{resume_from} was trained with other exit heads or exit norm (--separate_heads, "
+                        "--no_exit_norm, --mode): resume with the flags it was started with")
     if saved.get("global_batch", global_batch) != global_batch:
         raise DataError(f"{resume_from} was trained with a global batch of {saved['global_batch']} (batch_size x "
                         f"grad_accum x processes), this run has {global_batch}: resume with the same global batch, "

@@ -115,6 +115,13 @@ def test_pretrain_then_fine_tune_with_a_head_per_exit_and_without_the_exit_norm(
         assert not torch.equal(after.exit_heads[str(e)].output.weight, before["output.weight"])
     rc, _, err = run_main("generate.py", "--ckpt", heads, "--layers", "2", "--max_new_tokens", "3")
     assert rc == 0, err
+    again = str(tmp_path / "again")  # tuning on from there keeps the trained heads (lr 0: nothing moves)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--init", heads, "--separate_heads", "--max_steps", "1",
+                          "--lr", "0", "--out", again)
+    assert rc == 0, err
+    assert torch.equal(load_model(again).exit_heads["2"].output.weight, after.exit_heads["2"].output.weight)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--init", base, "--max_steps", "3", "--resume", "--out", heads)
+    assert_one_line_error(rc, err, "--separate_heads")  # resumed without the flag it was started with
 
     no_norm = str(tmp_path / "no_norm")
     rc, out, err = run_main("sorted_train.py", *FAST, "--init", base, "--no_exit_norm", "--max_steps", "2",

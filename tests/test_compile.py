@@ -1,0 +1,53 @@
+"""Compiled decoding: one graph serves every position, and compiled output is eager output."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import generate as gen
+from conftest import random_model, tiny_args
+
+PROMPT = [1, 17, 42, 99, 7, 250]
+
+
+@pytest.fixture
+def traced_only(monkeypatch):
+    """torch.compile with dynamo's graph capture but no code generation: the graphs are what inductor would
+    compile, in a fraction of the time. Yields the count of graphs captured."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **{**kw, "backend": "eager", "mode": None}))
+    torch._dynamo.reset()
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+def test_one_graph_decodes_every_position_and_gives_the_eager_tokens(traced_only):
+    model = random_model(tiny_args(n_layers=4, max_seq_len=64))
+    eager = gen.generate(model, PROMPT, 30)
+    assert gen.generate(model, PROMPT, 30, compile=True) == eager
+    assert traced_only() == 2  # the prompt (6 tokens, padded to 8), and one graph for 29 decoded positions
+    assert gen.generate(model, [5, 6, 7, 8, 9], 20, compile=True) == gen.generate(model, [5, 6, 7, 8, 9], 20)
+    assert traced_only() == 2  # another prompt of 5..8 tokens, other positions: the same graphs
+    assert gen.generate(model, PROMPT, 30, layers=2, compile=True) == gen.generate(model, PROMPT, 30, layers=2)
+    assert traced_only() == 4  # graphs per depth
+
+
+def test_compiled_speculation_and_batches_give_the_eager_tokens(traced_only):
+    model = random_model(tiny_args(n_layers=4, max_seq_len=64))
+    eager = gen.generate(model, PROMPT, 30)
+    spec = gen.generate(model, PROMPT, 30, draft_layers=2, num_speculations=4, draft_confidence=0.0, compile=True)
+    assert spec == eager
+    # the prompt at full depth, the drafts, a verified chunk of 1, 2, 3-4 or 5 tokens (padded to 8)
+    assert traced_only() <= 2 + 4
+    prompts = [[3, 4, 5], PROMPT, [9] * 11]
+    assert gen.generate_batch(model, prompts, 12, compile=True) == gen.generate_batch(model, prompts, 12)
+
+
+def test_inductor_compiled_decoding_gives_the_eager_tokens():
+    """The real compiler (C++ code on the CPU): the same tokens."""
+    torch._dynamo.reset()
+    model = random_model(tiny_args(n_layers=2, max_seq_len=48))
+    try:
+        assert gen.generate(model, PROMPT, 16, compile=True) == gen.generate(model, PROMPT, 16)
+    finally:
+        torch._dynamo.reset()
