@@ -243,26 +243,32 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     return rows
 
 
-def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int], rounds: int) -> list[dict]:
-    """The same prompts decoded at full depth in batches of each size (generate_batch), timed in interleaved
-    rounds: tokens/s (answer tokens only, not what a row that has stopped computes meanwhile) against batch 1."""
-    def run(b):
+def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int], rounds: int,
+                compile: bool = False) -> list[dict]:
+    """The same prompts decoded at full depth in batches of each size (generate_batch), eagerly and, with compile,
+    through the compiled graphs too, timed in interleaved rounds: tokens/s (answer tokens only, not what a row
+    that has stopped computes meanwhile) against eager batch 1, and against the same mode's batch 1."""
+    def run(b, compiled):
         return lambda: [out for s in range(0, len(prompts), b)
-                        for out in generate_batch(model, prompts[s:s + b], max_new, eos_id=eos)]
-    configs = {b: run(b) for b in batches}
+                        for out in generate_batch(model, prompts[s:s + b], max_new, eos_id=eos, compile=compiled)]
+    configs = {(b, c): run(b, c) for c in ([False, True] if compile else [False]) for b in batches}
     with torch.inference_mode():
-        outs = {b: fn() for b, fn in configs.items()}  # untimed: the warm-up, and the answers to compare
+        outs = {key: fn() for key, fn in configs.items()}  # untimed: the warm-up (compiling), and the answers
         seconds, _ = interleaved(configs, rounds)
-    n_tokens = sum(len(o) for o in outs[batches[0]])
+    first = (batches[0], False)
+    n_tokens = sum(len(o) for o in outs[first])
     print(f"\nbatched decoding: {label}; {len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} "
           f"tokens, {n_tokens} answer tokens in all, full depth, greedy, median of {rounds} rounds")
-    print(f"{'batch':>6}{'tok/s':>10}{'x':>7}{'= batch 1':>11}")
+    print(f"{'batch':>6}{'mode':>10}{'tok/s':>10}{'x eager 1':>11}{'x same 1':>10}{'= eager 1':>11}")
     rows = []
-    for b in batches:
-        tps = n_tokens / seconds[b]
-        rows.append(dict(batch=b, tokens_per_s=round(tps, 1), speedup=round(seconds[batches[0]] / seconds[b], 2),
-                         identical_to_batch_1=outs[b] == outs[batches[0]]))
-        print(f"{b:>6}{tps:>10.1f}{rows[-1]['speedup']:>7.2f}{'yes' if rows[-1]['identical_to_batch_1'] else 'no':>11}")
+    for b, c in configs:
+        tps = n_tokens / seconds[b, c]
+        rows.append(dict(batch=b, compiled=c, tokens_per_s=round(tps, 1),
+                         speedup=round(seconds[first] / seconds[b, c], 2),
+                         speedup_same_mode=round(seconds[batches[0], c] / seconds[b, c], 2),
+                         identical_to_batch_1=outs[b, c] == outs[first]))
+        print(f"{b:>6}{'compiled' if c else 'eager':>10}{tps:>10.1f}{rows[-1]['speedup']:>11.2f}"
+              f"{rows[-1]['speedup_same_mode']:>10.2f}{'yes' if rows[-1]['identical_to_batch_1'] else 'no':>11}")
     return rows
 
 
@@ -365,7 +371,7 @@ def main(argv=None):
                         "'paper': the paper's 13B thresholds (0.95 0.95 0.9 0.9 0.8 0.8 0.7 at 30..90%% depth) "
                         "at the nearest relative depth; 'none' for no such row")
     p.add_argument("--compile", action="store_true", help="also time compiled full-depth and self-speculative "
-                                                          "decoding, and what compiling costs")
+                                                          "decoding, compiled batches, and what compiling costs")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every configuration")
     p.add_argument("--batches", default="1,4,16", help="batch sizes to decode the first 16 prompts with")
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -407,7 +413,7 @@ def main(argv=None):
                 long = [p for p, r in zip(prompts, refs) if len(tok.encode(r, bos=False)) >= 6]
                 workloads = {f"{a.ckpt}, all tasks": prompts[:B], f"{a.ckpt}, long answers": long[:B]}
             report["batch"] = {name: bench_batch(model, name, ps, max_new, tok.eos_id if tok else None, batches,
-                                                 a.rounds) for name, ps in workloads.items()}
+                                                 a.rounds, a.compile) for name, ps in workloads.items()}
         if a.only in (None, "decode"):
             exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
             depths = sorted(set(parse_depths(a.depths, n, "--depths") if a.depths else exits) | {n})

@@ -97,14 +97,17 @@ def layers_fn(model: Transformer, compile: bool = False):
 
 
 def open_cache(model: Transformer, batch_size: int, size: int, compile: bool):
-    """Give the layers a KV cache for one decode: of `size` columns, or, compiled, of max_seq_len, the same one
-    from one call to the next while the batch size stays (the graphs are specialised to its shape, and CUDA
-    graphs to its memory); model.drop_cache() takes it off again, so that no other forward writes to it."""
+    """Give the layers a KV cache for one decode: of `size` columns, or, compiled, of the next power of two (at
+    most max_seq_len), the same one from one call to the next while its shape stays (the graphs are specialised
+    to it, and CUDA graphs to its memory); model.drop_cache() takes it off again, so that no other forward writes
+    to it. A compiled step attends over its whole cache: sized to the decode rather than to max_seq_len, a short
+    decode does not pay for the columns it never reaches, and a few sizes serve every decode."""
     if not compile:
         return model.setup_cache(batch_size, size)
+    columns = min(1 << (size - 1).bit_length(), model.args.max_seq_len)
     kept = getattr(model, "static_cache", None)
-    if kept is None or kept[0].k.size(0) != batch_size:
-        model.setup_cache(batch_size, model.args.max_seq_len)
+    if kept is None or kept[0].k.shape[::2] != (batch_size, columns):
+        model.setup_cache(batch_size, columns)
         model.static_cache = [layer.attention.cache for layer in model.layers]
     for layer, cache in zip(model.layers, model.static_cache):
         layer.attention.cache = cache

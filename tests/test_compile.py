@@ -26,10 +26,12 @@ def test_one_graph_decodes_every_position_and_gives_the_eager_tokens(traced_only
     eager = gen.generate(model, PROMPT, 30)
     assert gen.generate(model, PROMPT, 30, compile=True) == eager
     assert traced_only() == 2  # the prompt (6 tokens, padded to 8), and one graph for 29 decoded positions
-    assert gen.generate(model, [5, 6, 7, 8, 9], 20, compile=True) == gen.generate(model, [5, 6, 7, 8, 9], 20)
-    assert traced_only() == 2  # another prompt of 5..8 tokens, other positions: the same graphs
+    assert gen.generate(model, [5, 6, 7, 8, 9], 28, compile=True) == gen.generate(model, [5, 6, 7, 8, 9], 28)
+    assert traced_only() == 2  # another prompt of 5..8 tokens, other positions, a cache of 33..64: the same graphs
     assert gen.generate(model, PROMPT, 30, layers=2, compile=True) == gen.generate(model, PROMPT, 30, layers=2)
     assert traced_only() == 4  # graphs per depth
+    assert gen.generate(model, PROMPT, 10, compile=True) == eager[:10]
+    assert traced_only() == 6  # a decode that reaches 16 columns: a cache of 16, and graphs of its own
 
 
 def test_compiled_speculation_and_batches_give_the_eager_tokens(traced_only):

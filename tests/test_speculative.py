@@ -177,3 +177,16 @@ def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
         assert rows[name]["identical_to_full"], name
     assert rows["early exit 1.01"]["mean_exit_depth"] == n and rows["early exit 0"]["mean_exit_depth"] < n
     assert all(r["tokens_per_s (long answers)"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+
+
+def test_bench_batch_decodes_the_batch_1_answers_at_every_size(trained_dir, tmp_path):
+    """bench.py --only batch on the trained checkpoint: both workloads, every batch size gives batch 1's answers."""
+    report = str(tmp_path / "bench.json")
+    rc, out, err = run_main("bench.py", "--only", "batch", "--ckpt", trained_dir, "--num_eval", "48",
+                            "--batches", "1,3,8", "--rounds", "1", "--json", report)
+    assert rc == 0, err
+    workloads = json.load(open(report))["batch"]
+    assert len(workloads) == 2  # the task mix and the long answers
+    for rows in workloads.values():
+        assert [(r["batch"], r["compiled"]) for r in rows] == [(1, False), (3, False), (8, False)]
+        assert all(r["identical_to_batch_1"] and r["tokens_per_s"] > 0 for r in rows)
