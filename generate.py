@@ -78,11 +78,9 @@ def layers_fn(model: Transformer, compile: bool = False):
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-        # CUDA: replayed as CUDA graphs. CPU: the weights become constants of the graphs (inductor's freezing),
-        # which leaves a call fewer inputs to check and gives the matmuls weights laid out for this CPU, at the
-        # cost of that copy of the weights
-        how = dict(mode="reduce-overhead") if model.output.weight.is_cuda else dict(options={"freezing": True})
-        model.compiled_step = torch.compile(step, fullgraph=True, dynamic=False, **how)
+        cuda = model.output.weight.is_cuda
+        model.compiled_step = torch.compile(step, fullgraph=True, dynamic=False,
+                                            mode="reduce-overhead" if cuda else None)
     device = model.output.weight.device
 
     def compiled(x, pos, first, last, pad=None, every=False):

@@ -459,7 +459,7 @@ def main(argv=None):
     try:
         if a.estimate or a.measure_memory:
             plan_memory(a, simulate=a.estimate)
-            if a.measure_memory and not torch.cuda.is_available():
+            if a.measure_memory and not (torch.cuda.is_available() and a.device != "cpu"):  # measured on the CPU
                 # On the CPU the measurement ran torch's profiler, and a CUDA build of torch on a machine without
                 # a GPU sometimes aborts at interpreter exit after that (a profiler thread destroyed while still
                 # joinable: about 1 run in 30, torch 2.14.1+cu130). All is printed and the process group is closed

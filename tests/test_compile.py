@@ -14,7 +14,7 @@ def traced_only(monkeypatch):
     """torch.compile with dynamo's graph capture but no code generation: the graphs are what inductor would
     compile, in a fraction of the time. Yields the count of graphs captured."""
     compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, options=None, **kw: compile(fn, **kw, backend="eager"))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **{**kw, "backend": "eager", "mode": None}))
     torch._dynamo.reset()
     counters.clear()
     yield lambda: counters["stats"]["unique_graphs"]
@@ -51,8 +51,7 @@ def test_inductor_compiled_decoding_gives_the_eager_tokens():
     model = random_model(tiny_args(n_layers=2, max_seq_len=48))
     try:
         assert gen.generate(model, PROMPT, 16, compile=True) == gen.generate(model, PROMPT, 16)
-        # another batch size and cache size, then the first again: the graphs' weights are constants (frozen),
-        # the caches they write are not
+        # another batch size and cache size (a cache of its own), then the first again
         prompts = [[3, 4, 5], PROMPT, [9] * 11]
         assert gen.generate_batch(model, prompts, 12, compile=True) == gen.generate_batch(model, prompts, 12)
         assert gen.generate(model, [5, 6], 40, compile=True) == gen.generate(model, [5, 6], 40)
