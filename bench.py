@@ -34,7 +34,8 @@ from generate import generate, generate_batch
 from load_llama import (CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer, parse_depths, read_json,
                         resolve, trained_exits)
 from model import ModelArgs, Transformer, default_exits, init_weights
-from soft import SortedObjective
+from scale.fused_ce import SortedObjective
+from soft import sorted_loss
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
@@ -95,8 +96,8 @@ def interleaved_by_item(configs: dict, items: list, rounds: int) -> dict:
 def weight_bytes(model: Transformer, depth: int) -> int:
     """Bytes of weights one decoded token reads at this depth: its blocks, the final norm and the head."""
     blocks = sum(p.numel() * p.element_size() for p in model.layers[:depth].parameters())
-    head = model.exit_heads[str(depth)] if str(depth) in model.exit_heads else model
-    return blocks + sum(p.numel() * p.element_size() for p in (head.norm.weight, head.output.weight))
+    norm, output = model.exit_head(depth)
+    return blocks + sum(p.numel() * p.element_size() for p in norm.parameters()) + output.weight.nbytes
 
 
 def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_len: int, new_tokens: int,
@@ -275,7 +276,8 @@ def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int
 # --- the train step
 
 def train_step_fn(mode: str, dim: int, seq: int, batch: int):
-    """A function running one forward + backward + AdamW step of `mode` (sorted, sft or hf) on fixed data."""
+    """A function running one forward + backward + AdamW step of `mode` on fixed data: sft or sorted (soft.py's
+    loss, the one-process default), sorted_fused (scale/fused_ce.py's), hf (transformers)."""
     args = ModelArgs(dim=dim, n_layers=40, n_heads=dim // 64, vocab_size=round(dim * 32000 / 5120),
                      hidden_dim=round(dim * 13824 / 5120 / 8) * 8, max_seq_len=seq)
     g = torch.Generator().manual_seed(1)
@@ -292,8 +294,8 @@ def train_step_fn(mode: str, dim: int, seq: int, batch: int):
         def loss():
             return model(input_ids=tokens, labels=labels).loss
     else:
-        objective = SortedObjective(model, "sorted")
-        exits = list(range(12, 41, 4)) if mode == "sorted" else [40]
+        objective = SortedObjective(model) if mode == "sorted_fused" else lambda *b: sorted_loss(model, *b)
+        exits = list(range(12, 41, 4)) if mode.startswith("sorted") else [40]
 
         def loss():
             return objective(tokens, positions, targets, exits, [1.0] * len(exits), 1.0 / n_targets)[0]
@@ -317,7 +319,7 @@ def train_worker(mode: str, dim: int, seq: int, batch: int):
 
 
 def bench_train(dim: int, seq: int, batch: int, rounds: int) -> list[dict]:
-    modes = ("sft", "sorted", "hf")
+    modes = ("sft", "sorted", "sorted_fused", "hf")
     peak = {}
     for mode in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--train_worker", mode, "--train_dim", str(dim),
@@ -338,7 +340,7 @@ def bench_train(dim: int, seq: int, batch: int, rounds: int) -> list[dict]:
     print(f"{'configuration':<38}{'s/step':>8}{'vs sft':>8}{'best':>8}{'vs sft':>8}{'peak MB':>9}{'vs sft':>8}")
     rows = []
     for mode, label in (("sft", "ours, --mode sft (exit 40)"), ("sorted", "ours, --mode sorted (exits 12..40)"),
-                        ("hf", "transformers LlamaForCausalLM")):
+                        ("sorted_fused", "ours, sorted, --fused_ce"), ("hf", "transformers LlamaForCausalLM")):
         t, b, m = seconds[mode], best[mode], peak[mode]
         rows.append(dict(name=label, sec_per_step=round(t, 4), time_vs_sft=round(t / seconds["sft"], 3),
                          best_sec_per_step=round(b, 4), best_vs_sft=round(b / best["sft"], 3),

@@ -1,9 +1,6 @@
-"""The data: Stanford Alpaca's prompt template and records, the built-in demo tasks, a tokenizer for them,
-tokenized examples and the batches of each training step.
-
-The template is Stanford Alpaca's (github.com/tatsu-lab/stanford_alpaca): an instruction, an optional input,
-and the response the model learns to write. Records are Alpaca JSON (one list) or JSONL (one object per line) of
-{instruction, input, output}. Only the response and its EOS are targets; the prompt carries no loss.
+"""The data: Stanford Alpaca's template and records (github.com/tatsu-lab/stanford_alpaca: an instruction, an
+optional input, the response to learn), the built-in demo tasks, a tokenizer for them, the batches of each step.
+Only the response and its EOS are targets; the prompt carries no loss.
 """
 import io
 import json
@@ -14,8 +11,8 @@ import string
 import torch
 
 
-class DataError(Exception):
-    """A problem with the data or with a flag's value; the scripts print it as one line and exit."""
+class DataError(Exception):  # a problem with the data or a flag's value: the scripts print it as one line and exit
+    pass
 
 
 # --- the Alpaca template
@@ -82,15 +79,17 @@ def load_records(path: str) -> list[dict]:
 
 
 def dataset(path: str | None, val_size: int, num_examples: int, pretrain: bool = False):
-    """(train, held-out) records: those of the file at `path` split by a fixed permutation (the same for any
-    seed, at most a tenth held out), or the built-in tasks: num_examples in the training mix, and val_size drawn
-    apart, as many of each task, so that every task's accuracy rests on the same number of questions; with
-    pretrain, documents of the built-in corpus."""
+    """(train, held-out) records: the built-in tasks (num_examples in the training mix, val_size apart with as many of
+    each task), or those of the file at `path` (file_split), or with pretrain documents of the built-in corpus."""
     if pretrain:
         return corpus(num_examples, seed=1234), corpus(val_size, seed=4321)
-    if not path:
-        return builtin_records(num_examples, seed=1234), builtin_records(val_size, seed=4321, evenly=True)
-    records = load_records(path)
+    if path:
+        return file_split(load_records(path), val_size)
+    return builtin_records(num_examples, seed=1234), builtin_records(val_size, seed=4321, evenly=True)
+
+
+def file_split(records: list[dict], val_size: int):
+    """A fixed permutation, the same for any seed, and at most a tenth held out."""
     split = random.Random(1234).sample(range(len(records)), len(records))
     n_val = min(val_size, len(records) // 10)
     return [records[i] for i in split[n_val:]], [records[i] for i in split[:n_val]]
@@ -155,8 +154,7 @@ TASKS = {  # name: (instruction, how to draw an input and its answer, share of t
 
 
 def builtin_records(n: int, seed: int, evenly: bool = False) -> list[dict]:
-    """n examples of TASKS in the shares of the training mix (evenly: as many of each), the same for the same
-    seed."""
+    """n examples of TASKS in the shares of the training mix (evenly: as many of each), the same for a seed."""
     rng = random.Random(seed)
     cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(1 if evenly else share)]
     records = []
@@ -173,16 +171,6 @@ def builtin_records(n: int, seed: int, evenly: bool = False) -> list[dict]:
 # so that a base model knows the facts and fine-tuning teaches it to answer (the paper's setting: a pretrained
 # LLaMA 2, fine-tuned on instructions)
 
-SENTENCES = {  # task: how one of its (input, answer) pairs reads as a sentence
-    "next": "In the alphabet, {} is followed by {}.",
-    "parity": "The number {} is {}.",
-    "last": "The last letter of {} is {}.",
-    "max": "The largest of the digits {} is {}.",
-    "sort": "The digits {} in increasing order are {}.",
-    "count": "Counting from {}: {}.",
-}
-
-
 def alphabet_run(r) -> str:
     first = r.randrange(22)
     letters = string.ascii_lowercase[first:first + r.randint(4, 10)]
@@ -190,8 +178,12 @@ def alphabet_run(r) -> str:
 
 
 def corpus(n: int, seed: int, sentences: int = 6) -> list[dict]:
-    """n documents of a few sentences each, drawn from SENTENCES (in the tasks' shares) and alphabet runs, as
-    records {"text": ...}; the same for the same seed."""
+    """n documents of a few sentences each, in the tasks' shares and alphabet runs, as records {"text": ...}; the
+    same for the same seed."""
+    templates = {  # task: how one of its (input, answer) pairs reads as a sentence
+        "next": "In the alphabet, {} is followed by {}.", "parity": "The number {} is {}.",
+        "last": "The last letter of {} is {}.", "max": "The largest of the digits {} is {}.",
+        "sort": "The digits {} in increasing order are {}.", "count": "Counting from {}: {}."}
     rng = random.Random(seed)
     cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(share)] + ["alphabet"]
     documents = []
@@ -199,7 +191,7 @@ def corpus(n: int, seed: int, sentences: int = 6) -> list[dict]:
         lines = []
         for _ in range(sentences):
             task = rng.choice(cycle)
-            lines.append(alphabet_run(rng) if task == "alphabet" else SENTENCES[task].format(*TASKS[task][1](rng)))
+            lines.append(alphabet_run(rng) if task == "alphabet" else templates[task].format(*TASKS[task][1](rng)))
         documents.append({"text": "\n".join(lines)})
     return documents
 
@@ -212,10 +204,8 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 def train_tokenizer(records: list[dict], vocab_size: int, path: str):
     """A small LLaMA-style sentencepiece BPE (unk 0, bos 1, eos 2, digits split, byte fallback), written to path.
-
-    The template's MARKERS are single tokens: a tiny model then spends its compute on the instruction and the
-    input rather than on the boilerplate. So is a digit after a space ("▁" + "7"), which LLaMA's tokenizer
-    splits in two: "1 2 4 7 9" is then five tokens, not ten, each answer token one step of the sorting.
+    The template's MARKERS are single tokens, so that a tiny model spends its compute on the instruction and the
+    input, and so is a digit after a space ("▁7", two tokens for LLaMA): "1 2 4 7 9" is one token a step of sorting.
     """
     import sentencepiece as spm
     texts = [r["text"] if "text" in r else alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
@@ -243,8 +233,8 @@ def atomic_write(path: str, data: bytes):
 
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int):
-    """(ids, n_prompt) per record: BOS + templated prompt, then response + EOS; a document {"text"} of the
-    pretraining corpus is all response (every token after BOS a target). Counts of truncated/dropped."""
+    """((ids, n_prompt) per record: BOS + templated prompt, then response + EOS; a {"text"} of the pretraining
+    corpus is all response), and how many were truncated and dropped."""
     examples, truncated, dropped = [], 0, 0
     for r in records:
         if "text" in r:
@@ -256,15 +246,13 @@ def tokenize(records: list[dict], tokenizer, max_seq_len: int):
         if len(prompt) >= max_seq_len:  # no response token would be left to learn from
             dropped += 1
             continue
-        if len(ids) > max_seq_len:
-            ids, truncated = ids[:max_seq_len], truncated + 1
-        examples.append((ids, len(prompt)))
+        truncated += len(ids) > max_seq_len
+        examples.append((ids[:max_seq_len], len(prompt)))
     return examples, truncated, dropped
 
 
 def n_targets(example) -> int:
-    ids, n_prompt = example
-    return len(ids) - n_prompt
+    return len(example[0]) - example[1]
 
 
 # --- batches
@@ -282,19 +270,16 @@ def collate(examples, device):
 
 
 def batch_tensors(examples, device):
-    """tokens (B, T), and the flat positions (N,) of the response tokens with the tokens they predict (N,), all
-    on device. The positions are found on the CPU, so that no boolean mask makes the GPU wait."""
+    """tokens (B, T), the flat positions (N,) of the response tokens and the tokens they predict (N,), on device
+    (the positions found on the CPU, so that no boolean mask makes the GPU wait)."""
     tokens, labels = collate(examples, "cpu")
     positions = (labels.view(-1) != -100).nonzero().squeeze(1)
     return tokens.to(device), positions.to(device), labels.view(-1)[positions].to(device)
 
 
 def step_batches(examples, step: int, batch_size: int, grad_accum: int, seed: int, rank: int, world: int):
-    """This rank's micro-batches for a step and the global batch's target count.
-
-    A pure function of the step, so that a resumed run sees exactly the batches an uninterrupted one would: each
-    epoch is a permutation drawn from seed + epoch, cut into global batches, each dealt out to the ranks.
-    """
+    """(this rank's micro-batches for a step, the global batch's target count): a pure function of the step, so that
+    a resumed run sees what an uninterrupted one would; each epoch a permutation drawn from seed + epoch."""
     global_batch = batch_size * grad_accum * world
     epoch, i = divmod(step, len(examples) // global_batch)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()

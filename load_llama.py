@@ -1,15 +1,9 @@
-"""Weights and tokenizer in and out: Meta's layout, Hugging Face's layout, this project's checkpoints.
-
-Layouts read by load_model(path):
-  meta  params.json + consolidated.NN.pth (model-parallel shards are merged along the dims Meta split)
-  hf    config.json + model.safetensors, or model-NNNNN-of-NNNNN.safetensors with their index
-        (pytorch_model*.bin when there is no safetensors); q/k rows are un-permuted back to Meta's rope layout
-  ours  params.json + model.safetensors with Meta's names, as sorted_train.py writes it (a folder whose
-        `latest` link names the newest checkpoint works too)
-Nothing is unpickled beyond plain tensors (torch.load(weights_only=True)); the model is built on the meta
-device and the loaded tensors are assigned, so peak memory stays near one copy of the weights.
-
-Export of the depth-k sub-model as a standalone Hugging Face LLaMA checkpoint:
+"""Weights and tokenizer in and out. load_model(path) reads three layouts:
+  meta  params.json + consolidated.NN.pth (model-parallel shards merged along the dims Meta split)
+  hf    config.json + *.safetensors (or sharded, with their index; or pytorch_model*.bin); q/k rows un-permuted
+  ours  params.json + model.safetensors under Meta's names, as sorted_train.py writes it (or a folder whose `latest`
+        link names one)
+It never unpickles more than plain tensors (torch.load(weights_only=True)). A sub-model exported for Hugging Face:
   python load_llama.py export SRC DST --layers K
 """
 import argparse
@@ -28,15 +22,13 @@ from safetensors.torch import save_file
 from model import ModelArgs, Transformer, default_exits
 
 
-class CheckpointError(Exception):
-    """Something about the user's files is wrong; the scripts print it as one line and exit."""
+class CheckpointError(Exception):  # something about the user's files is wrong: one line, and the script exits
+    pass
 
 
-# --- tokenizer
+# --- the tokenizer
 
-class Tokenizer:
-    """LLaMA's sentencepiece tokenizer (tokenizer.model)."""
-
+class Tokenizer:  # LLaMA's sentencepiece tokenizer (tokenizer.model)
     def __init__(self, path: str):
         import sentencepiece as spm
         self.path = path
@@ -44,8 +36,7 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a readable sentencepiece tokenizer ({str(e).splitlines()[0]})")
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
@@ -56,8 +47,7 @@ class Tokenizer:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer.model file, or a folder holding one."""
-    if os.path.isdir(path):
-        path = os.path.join(resolve(path), "tokenizer.model")
+    path = os.path.join(resolve(path), "tokenizer.model") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such tokenizer file (pass --tokenizer path/to/tokenizer.model)")
     return Tokenizer(path)
@@ -104,17 +94,16 @@ def resolve(path: str) -> str:
 
 
 def detect_layout(path: str) -> str:
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint folder")
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: a checkpoint is a folder (params.json + weights, or config.json + weights)")
+        raise CheckpointError(f"{path}: no such checkpoint folder" if not os.path.exists(path) else
+                              f"{path}: a checkpoint is a folder (params.json + weights, or config.json + weights)")
     files = set(os.listdir(path))
     if "params.json" in files and "model.safetensors" in files:
         return "ours"
     if "params.json" in files and glob.glob(os.path.join(path, "consolidated.*.pth")):
         return "meta"
-    hf_weights = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin"))
-    if "config.json" in files and hf_weights:
+    if "config.json" in files and glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(
+            os.path.join(path, "pytorch_model*.bin")):
         return "hf"
     raise CheckpointError(f"{path}: found neither params.json with consolidated.*.pth or model.safetensors "
                           "(Meta's layout, ours) nor config.json with *.safetensors (Hugging Face's)")
@@ -124,10 +113,9 @@ def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: {'not valid JSON' if isinstance(e, json.JSONDecodeError) else 'cannot read'} "
+                              f"({e})")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return cfg
@@ -140,7 +128,7 @@ def require(cfg: dict, keys, path: str):
 
 
 def args_from_params(params: dict, path: str) -> ModelArgs:
-    """ModelArgs from Meta's params.json (or ours, which is a superset)."""
+    """ModelArgs from Meta's params.json, or ours, which adds fields of its own."""
     require(params, ["dim", "n_layers", "n_heads"], path)
     if params.get("use_scaled_rope"):
         raise CheckpointError(f"{path}: use_scaled_rope (LLaMA 3.1) is not supported; this is a LLaMA 2 implementation")
@@ -167,18 +155,22 @@ def args_from_hf_config(cfg: dict, path: str) -> ModelArgs:
 
 
 def read_args(path: str) -> tuple[ModelArgs, str]:
-    """The model's shape and the folder's layout. vocab_size -1 (Meta) is fixed up by load_model."""
+    """(the model's shape, the folder's layout)."""
     path = resolve(path)
     layout = detect_layout(path)
     if layout == "hf":
         return args_from_hf_config(read_json(os.path.join(path, "config.json")), path + "/config.json"), layout
     args = args_from_params(read_json(os.path.join(path, "params.json")), path + "/params.json")
     if args.vocab_size == -1:  # Meta's params.json leaves the vocabulary to the weights
-        shard = torch_load(sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))[0])  # mmap: reads no weights
-        if "tok_embeddings.weight" not in shard:
-            raise CheckpointError(f"{path}: no tok_embeddings weight found; is this a LLaMA checkpoint?")
-        args.vocab_size = shard["tok_embeddings.weight"].shape[0]
+        args.vocab_size = meta_vocab_size(path)
     return args, layout
+
+
+def meta_vocab_size(path: str) -> int:
+    shard = torch_load(sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))[0])  # mmap: reads no weights
+    if "tok_embeddings.weight" not in shard:
+        raise CheckpointError(f"{path}: no tok_embeddings weight found; is this a LLaMA checkpoint?")
+    return shard["tok_embeddings.weight"].shape[0]
 
 
 def torch_load(file: str) -> dict:
@@ -285,49 +277,82 @@ def iter_state_dict(path: str, args: ModelArgs, layout: str):
         yield from iter_safetensors([os.path.join(path, "model.safetensors")])
 
 
+def new_model(args: ModelArgs, heads=(), exit_norm: bool = True, frozen_trunk: bool = False) -> Transformer:
+    """A Transformer of this shape on the default device. One whose exits read through heads of their own, or without
+    the final norm (the paper's baselines and open questions), is the variant of variants/exit_heads.py."""
+    if not heads and exit_norm:
+        return Transformer(args)
+    from variants.exit_heads import ExitHeadsTransformer
+    return ExitHeadsTransformer(args, heads, exit_norm, frozen_trunk)
+
+
 def load_model(path: str, device="cpu", dtype=None) -> Transformer:
-    """A Transformer from any of the three layouts, in the stored dtype unless dtype is given."""
+    """A Transformer from any of the three layouts, in the stored dtype unless dtype is given: built on the meta
+    device and given the loaded tensors, so that the peak stays near one copy of the weights."""
     path = resolve(path)
     args, layout = read_args(path)
-    state = {}
-    for name, t in iter_state_dict(path, args, layout):
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    state = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in iter_state_dict(path, args, layout)}
+    params = read_json(os.path.join(path, "params.json")) if layout == "ours" else {}
     with torch.device("meta"):
-        model = Transformer(args)
-        if layout == "ours":  # an SFT+ICT checkpoint carries a head per exit
-            model.add_exit_heads(read_json(os.path.join(path, "params.json")).get("exit_heads") or [])
+        model = new_model(args, params.get("exit_heads") or [], params.get("exit_norm", True))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        more = " ..." if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}{more}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{path}: weights the model does not have: {', '.join(unexpected[:3])}")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)} but the config implies {shape}")
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
+        raise CheckpointError(f"{path}: {mismatch(expected, state)}")
     model.load_state_dict(state, assign=True)
     model.init_rope(device)
     return model.eval()
 
 
+def mismatch(expected: dict, state: dict) -> str:
+    """What a checkpoint's tensors lack, or have too many of, or have in another shape than the model's."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        return f"weights missing for {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
+    if unexpected:
+        return f"weights the model does not have: {', '.join(unexpected[:3])}"
+    k = next(k for k in expected if tuple(state[k].shape) != expected[k])
+    return f"{k} has shape {tuple(state[k].shape)} but the config implies {expected[k]}"
+
+
+@torch.no_grad()
+def copy_weights(model, tensors, where: str, put) -> list[str]:
+    """Copy whole tensors (name, tensor), one at a time, with put(param, tensor) (under torchrun: each process its
+    shard); the names of the exit heads' that were absent (an SFT checkpoint has no SFT+ICT heads yet)."""
+    params = dict(model.named_parameters())
+    for name, full in tensors:
+        if name not in params:
+            raise CheckpointError(f"{where}: unexpected weight {name}")
+        if tuple(full.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(full.shape)}, the model expects "
+                                  f"{tuple(params[name].shape)}")
+        put(params.pop(name), full)
+    missing = [n for n in params if not n.startswith("exit_heads.")]
+    if missing:
+        raise CheckpointError(f"{where}: no weights for {', '.join(missing[:3])}")
+    return sorted(params)
+
+
 # --- writing
 
-def params_json(args: ModelArgs, **extra) -> dict:
-    """Meta's params.json fields plus this project's (the trainer adds exits and its configuration)."""
-    return {**dataclasses.asdict(args), **extra}
+def save_weights(state: dict, folder: str):
+    """model.safetensors: the tensors under Meta's names."""
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def save_params(args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
+    """params.json (Meta's fields, and what the trainer adds: exits, its configuration), tokenizer.model beside."""
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), **extra}, f, indent=2)
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
 
 
 def save_model(state: dict, args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
-    """Write a checkpoint in our layout: model.safetensors (Meta's names), params.json, tokenizer.model."""
+    """A checkpoint in our layout: model.safetensors (Meta's names), params.json, tokenizer.model."""
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(folder, "params.json"), "w") as f:
-        json.dump(params_json(args, **extra), f, indent=2)
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+    save_weights(state, folder)
+    save_params(args, folder, tokenizer_path, **extra)
 
 
 def hf_state_dict(model: Transformer, layers: int) -> dict:
@@ -335,8 +360,8 @@ def hf_state_dict(model: Transformer, layers: int) -> dict:
     args = model.args
     meta_to_hf = {v: k for k, v in HF_BLOCK_NAMES.items()}
     top = {v: k for k, v in HF_TOP_NAMES.items()}
-    head = model.exit_heads[str(layers)] if str(layers) in model.exit_heads else model  # SFT+ICT: the exit's own head
-    tensors = {top["norm.weight"]: head.norm.weight, top["output.weight"]: head.output.weight,
+    norm, output = model.exit_head(layers)  # the shared ones, or SFT+ICT's head of that exit
+    tensors = {top["norm.weight"]: norm.weight, top["output.weight"]: output.weight,
                top["tok_embeddings.weight"]: model.tok_embeddings.weight}
     for i, block in enumerate(model.layers[:layers]):
         for name, t in block.state_dict().items():  # "attention.wq.weight", "ffn_norm.weight", ...
@@ -352,7 +377,7 @@ def hf_state_dict(model: Transformer, layers: int) -> dict:
 def hf_config(args: ModelArgs, layers: int, bos_id: int = 1, eos_id: int = 2, dtype=torch.float32) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": layers,
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
@@ -367,7 +392,7 @@ def export_hf(src: str, dst: str, layers: int | None = None, dtype=None):
     k = layers or model.args.n_layers
     if not 1 <= k <= model.args.n_layers:
         raise CheckpointError(f"--layers {k} is outside 1..{model.args.n_layers}")
-    if k < model.args.n_layers and not model.args.exit_norm and str(k) not in model.exit_heads:
+    if isinstance(model.exit_head(k)[0], torch.nn.Identity):
         raise CheckpointError(f"{src} reads layer {k} without the final norm (trained with --no_exit_norm), which "
                               "a LLaMA checkpoint cannot express; export the last layer, or a model trained with it")
     os.makedirs(dst, exist_ok=True)

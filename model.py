@@ -1,12 +1,7 @@
-"""LLaMA 2 in one file, read as a stack of nested language models.
-
-The network follows Meta's reference implementation (github.com/facebookresearch/llama, model.py): RMSNorm,
-rotary embeddings in Meta's interleaved layout, grouped-query attention, a SwiGLU feed-forward with Meta's
-hidden-size rule, and Meta's checkpoint names for every parameter. Sorted Fine-Tuning (SoFT, arXiv 2309.08968)
-reads it as many models at once: the first n blocks followed by the *shared* final norm and the *shared*
-output head form a language model for every n. `forward(tokens, n_layers=n)` runs that sub-model,
-`forward(tokens, exits=[...])` returns the hidden states at several depths from one pass, and `head()` is the
-one place where every depth meets the shared norm and head.
+"""LLaMA 2 in one file (Meta's github.com/facebookresearch/llama, with its checkpoint names), read as a stack of
+nested language models: the first n blocks, then the *shared* final norm and output head, form a model for every n
+(SoFT, arXiv 2309.08968). forward(tokens, n_layers=n) runs one; forward(tokens, exits=[...]) returns the hidden
+states at several depths from one pass; head() is where every depth meets the shared norm and head.
 """
 import math
 from dataclasses import dataclass
@@ -29,31 +24,17 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    hidden_dim: int | None = None  # feed-forward width given directly (Hugging Face's intermediate_size)
-    # SoFT's own: False reads the exits below the last through the shared head without the final norm (the
-    # paper's question whether the norm is needed); Meta's and Hugging Face's checkpoints have it
-    exit_norm: bool = True
+    hidden_dim: int | None = None  # the feed-forward width given directly (Hugging Face's intermediate_size)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
-        if self.hidden_dim is not None:
-            return self.hidden_dim
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4 * dim, times the multiplier, rounded up to multiple_of
+            hidden = int(int(2 * 4 * self.dim / 3) * (self.ffn_dim_multiplier or 1))
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
-# the shapes Meta released; "tiny" is the demo that trains on a CPU in minutes (its vocabulary comes from
-# the tokenizer it is trained with)
+# the shapes Meta released; "tiny" is the demo that trains on a CPU in minutes
 PRESETS = {
     "tiny": dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
     "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
@@ -84,7 +65,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, head_dim) by position: cos, sin (T, head_dim/2), or (B, T, head_dim/2) when each row has
+    """Rotate x (B, T, H, head_dim) by position; cos, sin (T, head_dim/2), or (B, T, head_dim/2) when each row has
     positions of its own. Meta's layout: dims (2i, 2i+1) form one rotating pair."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -93,28 +74,18 @@ def apply_rope(x, cos, sin):
     return out.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer for positions 0..max_seq_len-1, written in place while decoding."""
-
+class KVCache(nn.Module):  # keys and values of one layer, written in place at the positions being decoded
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos, k, v):
-        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos.. and return everything up to their end; with
-        start_pos a tensor (compiled decoding: one graph for every position), the whole cache, whose entries past
-        the last query its mask hides."""
-        if isinstance(start_pos, torch.Tensor):
-            columns = start_pos + torch.arange(k.size(2), device=k.device)
-            self.k.index_copy_(2, columns, k)
-            self.v.index_copy_(2, columns, v)
-            return self.k, self.v
+    def update(self, start_pos: int, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos.. and return all keys and values up to their end
+        (entries past it are stale, a rejected draft's say, and never read)."""
         end = start_pos + k.size(2)
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        # entries past `end` are stale (a rolled-back draft, say) and never read
+        self.k[:, :, start_pos:end], self.v[:, :, start_pos:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -137,9 +108,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # every key so far: (B, n_kv_heads, start_pos + T, head_dim)
-        # query i sits at position start_pos + i and sees the keys up to there: causal from position 0, a
-        # shifted triangle for a chunk on top of the cache, everything for a single new token (unless a batch of
-        # padded rows brings its own mask)
+        # query i sits at position start_pos + i and sees the keys up to there: causal from position 0, a shifted
+        # triangle for a chunk on top of the cache, every key for a single new token
         causal = mask is None and start_pos == 0 and T > 1
         if mask is None and start_pos > 0 and T > 1:
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
@@ -151,10 +121,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
@@ -173,18 +142,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Head(nn.Module):
-    """A norm and output head of an exit's own: only the SFT+ICT baseline has these."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-
-    def forward(self, h):
-        return self.output(self.norm(h))
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -193,7 +150,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)  # shared by every exit
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # shared by every exit
-        self.exit_heads = nn.ModuleDict()  # empty but for SFT+ICT: str(depth) -> Head
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -203,87 +159,42 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens, start_pos: int = 0, n_layers: int | None = None, exits: list[int] | None = None):
-        """Logits (B, T, vocab) of the depth-n_layers model (default: all layers).
-
-        With exits=[e1, ..., ek] (increasing), returns instead the list of hidden states (B, T, dim) after
-        blocks e1..ek, from one pass that stops at ek; apply head() to each for that depth's logits.
-        """
+        """Logits (B, T, vocab) of the depth-n_layers model (default: all) for tokens (B, T) at positions start_pos..;
+        with exits=[e1, ..., ek], the hidden states (B, T, dim) after blocks e1..ek from one pass instead."""
+        assert start_pos + tokens.size(1) <= self.args.max_seq_len, "sequence longer than max_seq_len"
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if exits is None:
             depth = n_layers or self.args.n_layers
             return self.head(self.run_layers(h, start_pos, 0, depth), depth)
-        hidden, depth = [], 0
-        for e in exits:
-            h = self.run_layers(h, start_pos, depth, e)
+        hidden = []
+        for first, last in zip([0] + exits, exits):
+            h = self.run_layers(h, start_pos, first, last)
             hidden.append(h)
-            depth = e
         return hidden
 
-    def run_layers(self, h, start_pos: int, first: int, last: int, pad=None):
-        """Blocks first+1..last (1-based) on hidden states h (B, T, dim) at columns start_pos.. of the sequence
-        (and of the KV cache). pad (B,), for a batch of left-padded prompts: row b's first pad[b] columns are
-        padding, its tokens sit at positions column - pad[b], and no row attends to its padding."""
-        assert 0 <= first <= last <= self.args.n_layers, (first, last)
+    def run_layers(self, h, start_pos: int, first: int, last: int, positions=None, mask=None):
+        """Blocks first+1..last on hidden states h (B, T, dim) at positions start_pos.. (decoding/ passes rows with
+        positions of their own (B, T), and their attention mask)."""
         T = h.size(1)
-        assert start_pos + T <= self.args.max_seq_len, "sequence longer than max_seq_len"
-        mask = None
-        if pad is None:
+        if positions is None:
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         else:
-            columns = torch.arange(start_pos, start_pos + T, device=h.device)  # of the queries
-            positions = (columns - pad[:, None]).clamp(min=0)  # (B, T); padding columns get position 0, unused
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim/2)
-            keys = torch.arange(start_pos + T, device=h.device)[None, None]  # every column up to the last query
-            mask = (keys >= pad[:, None, None]) & (keys <= columns[None, :, None])  # (B, T, S)
-            mask = mask | (keys == columns[None, :, None])  # a padding column sees itself: no softmax over nothing
-            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer in self.layers[first:last]:
             h = layer(h, cos, sin, start_pos, mask)
         return h
 
-    def head(self, h, depth: int | None = None):
-        """The logits of depth `depth` (default: the last) from its hidden states h: the shared final norm and
-        output head, the same for every depth, unless the exit has a head of its own."""
-        norm, output = self.exit_head(depth)
-        return output(norm(h))
-
     def exit_head(self, depth: int | None = None):
-        """(norm, output layer) an exit reads through: the shared ones; an exit's own (SFT+ICT, or heads trained
-        per exit); with args.exit_norm False, no norm below the last layer."""
-        if depth is not None and str(depth) in self.exit_heads:
-            head = self.exit_heads[str(depth)]
-            return head.norm, head.output
-        last = depth is None or depth == self.args.n_layers
-        return (self.norm if last or self.args.exit_norm else nn.Identity()), self.output
+        """(norm, output) the hidden states after `depth` blocks read through: the same two modules at every depth
+        (variants/exit_heads.py gives exits heads of their own)."""
+        return self.norm, self.output
 
-    def add_exit_heads(self, exits: list[int]):
-        for e in exits:
-            self.exit_heads[str(e)] = Head(self.args)
-
-    def decode_step(self, x, pos, first: int, last: int, pad=None):
-        """Blocks first+1..last on x (token ids (B, T) when first is 0, else hidden states (B, T, dim)) at columns
-        pos.. of the KV cache, pos a tensor (1,). The shapes are the same wherever the tokens stand (the whole
-        static cache, a mask hiding the columns past each query), so that torch.compile makes one graph for
-        every position. Hidden states (B, T, dim). pad: as in run_layers."""
-        cache_len, T = self.layers[0].attention.cache.k.size(2), x.size(1)
-        columns = pos + torch.arange(T, device=pos.device)  # of the queries (T,)
-        keys = torch.arange(cache_len, device=pos.device)
-        mask = keys[None] <= columns[:, None]  # (T, S)
-        if pad is None:
-            positions = columns
-        else:
-            positions = (columns[None] - pad[:, None]).clamp(min=0)  # (B, T)
-            mask = mask[None] & (keys[None, None] >= pad[:, None, None])  # (B, T, S)
-            mask = mask | (keys[None, None] == columns[None, :, None])  # as in run_layers: no softmax over nothing
-        mask = mask.view(-1, 1, T, cache_len)  # broadcast over heads
-        h = self.tok_embeddings(x) if first == 0 else x
-        for layer in self.layers[first:last]:
-            h = layer(h, self.rope_cos[positions], self.rope_sin[positions], pos, mask)
-        return h
+    def head(self, h, depth: int | None = None):
+        norm, output = self.exit_head(depth)
+        return output(norm(h))  # the logits of depth `depth` (default: the last)
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None):
-        """Give every layer a KV cache for decoding (dtype and device of the weights)."""
-        w, args = self.output.weight, self.args
+        w, args = self.output.weight, self.args  # a KV cache in every layer, in the weights' dtype and device
         for layer in self.layers:
             layer.attention.cache = KVCache(batch_size, max_seq_len or args.max_seq_len, args.n_kv_heads,
                                             args.head_dim, w.dtype, w.device)

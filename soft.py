@@ -1,118 +1,21 @@
-"""The SoFT objective (arXiv 2309.08968, Eq. 1) and the fused cross-entropy that computes it.
-
-One forward pass keeps the hidden state h_e after each exit e; every h_e goes through the same final RMSNorm
-and the same output head, and the exits' cross-entropies on the response tokens y are summed:
-
-    loss = sum_e w_e * CE(output(norm(h_e)), y)
-
-(the paper averages the exits' losses: weights 1/|exits|, which AdamW's update ignores apart from clipping).
-Standard fine-tuning (SFT) is the same with the last layer as the only exit; SFT+ICT freezes an SFT model and
-trains a norm and head of each exit's own. Two of the paper's open questions change the head an exit reads
-through (model.exit_head): without the final norm (--no_exit_norm), or a head per exit trained with the summed
-loss (--separate_heads). Pretraining (--pretrain) is the same objective with every token after BOS a target.
+"""The SoFT objective (arXiv 2309.08968, Eq. 1): one forward pass keeps the hidden state h_e after each exit e,
+each goes through the same final RMSNorm and the same output head, and the exits' cross-entropies on the response
+tokens y are summed:   loss = sum_e w_e * CE(output(norm(h_e)), y)
+(the paper averages them: w_e = 1/|exits|). SFT is the same with the last layer as the only exit. This plain version
+holds one exit's whole logits at a time; scale/fused_ce.py computes the same loss and gradients without them.
 """
-import contextlib
-
 import torch
-import torch.nn as nn
-
-from model import Transformer
+import torch.nn.functional as F
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i w_i * CE(x_i @ W.T, y_i), with the gradient worked out chunk by chunk in the forward pass.
+def sorted_loss(model, tokens, positions, targets, exits: list[int], weights: list[float], scale: float = 1.0):
+    """(scale * sum_e weights[e] * CE_e, the per-exit sums of token cross-entropies CE_e (E,), detached).
 
-    Only a (chunk, vocab) slice of the logits exists at any time, and nothing is recomputed in backward,
-    which only scales the stored gradients: summing many exits costs their matmuls and no more memory
-    than their hidden states.
+    tokens (B, T); positions (N,) are the response tokens' indices in the flattened (B*T) batch and targets (N,)
+    the tokens they predict: no prompt position reaches the head.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, labels, row_weights, chunk: int):
-        ce = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, x.size(0), chunk):
-            xc, yc = x[s:s + chunk], labels[s:s + chunk]
-            logits = (xc @ weight.T).float()  # (chunk, vocab)
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            top = logits.amax(-1, keepdim=True)
-            # exp(logit - max), written over the logits to save memory; clamped so that no probability is a
-            # denormal float, which would slow the CPU matmuls below tenfold (e^-80 is still a normal float)
-            g = logits.sub_(top).clamp_(min=-80.0).exp_()
-            total = g.sum(-1, keepdim=True)
-            ce[s:s + chunk] = (top + total.log()).squeeze(1) - target
-            # d CE / d logits = softmax - onehot
-            g.div_(total)
-            g[torch.arange(len(yc), device=g.device), yc] -= 1.0
-            g.mul_(row_weights[s:s + chunk, None])
-            g = g.to(weight.dtype)
-            grad_x[s:s + chunk] = g @ weight
-            grad_w.add_(g.T @ xc)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(ce)
-        return (ce * row_weights).sum(), ce
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_ce):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
-
-
-def linear_cross_entropy(x, weight, labels, row_weights):
-    """(weighted sum of the rows' cross-entropies, per-row cross-entropy) for logits x @ weight.T."""
-    chunk = max(1, 2 ** 24 // weight.size(0))  # rows per chunk: ~16M logits at a time
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, labels, row_weights, chunk)
-    ce = torch.cat([torch.nn.functional.cross_entropy((x[s:s + chunk] @ weight.T).float(), labels[s:s + chunk],
-                                                      reduction="none") for s in range(0, x.size(0), chunk)])
-    return (ce * row_weights).sum(), ce
-
-
-class SortedObjective(nn.Module):
-    """The training loss as a module, so that FSDP's root wraps every use of the shared norm and head."""
-
-    def __init__(self, model: Transformer, mode: str):
-        super().__init__()
-        self.model, self.mode = model, mode
-
-    def forward(self, tokens, positions, targets, exits: list[int], weights: list[float], scale: float):
-        """(loss, per-exit sums of token cross-entropies (E,)); loss = scale * sum_e weights[e] * CE sum at e.
-
-        positions (N,) are the response tokens' indices in the flattened (B*T) batch and targets (N,) the tokens
-        they predict: the head never sees a prompt position.
-        """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "ict"):  # ict: the trunk is frozen
-            hidden = [h.flatten(0, 1)[positions] for h in self.model(tokens, exits=exits)]  # E x (N, dim)
-        # exits that share an output layer go through it in one call (one gradient buffer for its weight, however
-        # many exits): with SoFT every exit, through the shared norm and head; with a head per exit, each alone
-        groups = {}  # output layer -> [(index of the exit, its hidden states after its norm (N, dim))]
-        for i, (e, h) in enumerate(zip(exits, hidden)):
-            norm, output = self.model.exit_head(e)
-            groups.setdefault(output, []).append((i, norm(h)))
-        N, loss, ce = targets.numel(), 0, [None] * len(exits)
-        for output, members in groups.items():
-            x = torch.cat([h for _, h in members])  # (k*N, dim)
-            w = torch.tensor([weights[i] for i, _ in members], device=targets.device).repeat_interleave(N) * scale
-            part, row_ce = linear_cross_entropy(x, output.weight, targets.repeat(len(members)), w)
-            loss = loss + part
-            for (i, _), c in zip(members, row_ce.view(len(members), N).sum(1)):
-                ce[i] = c
-        return loss, torch.stack(ce)
-
-
-def forward_backward(objective, micro, exits: list[int], weights: list[float], scale: float,
-                     autocast=contextlib.nullcontext()):
-    """Forward (under autocast) and backward over the micro-batches (tokens, positions, targets), gradients
-    adding up; returns the per-exit sums of token cross-entropies (E,).
-
-    Under FSDP every backward reduce-scatters its gradients, so that a rank holds only its shard of them
-    between micro-batches, never the whole float32 gradient.
-    """
-    sums = 0
-    for tokens, positions, targets in micro:
-        with autocast:
-            loss, ce = objective(tokens, positions, targets, exits, weights, scale)
-        loss.backward()
-        sums = sums + ce.detach()
-    return sums
+    hidden = model(tokens, exits=exits)  # E x (B, T, dim), from one pass
+    ce = torch.stack([F.cross_entropy(model.head(h.flatten(0, 1)[positions], e).float(), targets, reduction="sum")
+                      for e, h in zip(exits, hidden)])  # (E,)
+    loss = scale * (torch.tensor(weights, device=ce.device) * ce).sum()
+    return loss, ce.detach()

@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from load_llama import new_model  # noqa: E402
 from model import ModelArgs, Transformer, init_weights  # noqa: E402
 
 
@@ -29,10 +30,11 @@ def tiny_args(**kw) -> ModelArgs:
     return ModelArgs(**{**base, **kw})
 
 
-def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    """A model with random weights; norms perturbed away from 1 so that they are really tested."""
+def random_model(args: ModelArgs, seed: int = 0, heads=(), exit_norm: bool = True) -> Transformer:
+    """A model with random weights; norms perturbed away from 1 so that they are really tested. heads, exit_norm:
+    the variant of variants/exit_heads.py."""
     g = torch.Generator().manual_seed(seed)
-    model = Transformer(args)
+    model = new_model(args, heads, exit_norm)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(init_weights(name, p.shape, args.n_layers, g) * 5)  # larger weights: sharper, less tied logits
@@ -78,3 +80,22 @@ def assert_one_line_error(rc, stderr, *needles):
     assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("usage:")), stderr
     for n in needles:
         assert n in lines[-1], f"{n!r} not in {lines[-1]!r}"
+
+
+@pytest.fixture
+def rank0_of_one(monkeypatch):
+    """The environment torchrun gives the only process of a run: sorted_train.py takes the scale layer's path (a
+    gloo process group of one) in this process. The group is ended afterwards, however the run ended."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import assert_close, random_model, tiny_args
+from decoding.step import padding_masks
 from generate import generate, generate_batch
 from test_model import to_hf
 
@@ -28,10 +29,11 @@ def test_padding_is_invisible_to_every_row():
     short, long = PROMPTS[0], PROMPTS[2]
     pad = torch.tensor([len(long) - len(short), 0])
     outs = []
+    positions, mask = padding_masks(pad, 0, len(long), "cpu")
     for filler in (0, 7):
         tokens = torch.tensor([[filler] * (len(long) - len(short)) + short, long])
         with torch.no_grad():
-            outs.append(model.head(model.run_layers(model.tok_embeddings(tokens), 0, 0, 3, pad)))
+            outs.append(model.head(model.run_layers(model.tok_embeddings(tokens), 0, 0, 3, positions, mask)))
     with torch.no_grad():
         alone = model(torch.tensor([short]))[0]
     assert_close(outs[0][0, -len(short):], alone, 1e-5, "the padded row's logits")

@@ -26,9 +26,10 @@ def torchrun(nproc: int, *args, timeout=300):
 
 
 def train(nproc: int, out, *flags):
-    """Six steps (or as flags say) of the tiny trainer; every run has the same global batch of 8."""
+    """Six steps (or as flags say) of the tiny trainer; every run has the same global batch of 8. nproc 0: one
+    process without torchrun (the plain trainer), otherwise torchrun's nproc processes (the scale layer)."""
     args = ["sorted_train.py", *FAST, "--out", str(out), *flags]
-    rc, stdout, err = torchrun(nproc, *args) if nproc > 1 else run_main(*args)
+    rc, stdout, err = torchrun(nproc, *args) if nproc else run_main(*args)
     assert rc == 0, err[-3000:]
     return stdout
 
@@ -44,12 +45,12 @@ def weights(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 6 steps five ways: 1 process (batch 4 x 2 micro-batches); 2 processes (batch 4 each); 2 processes
-    stopped at step 3, right after an evaluation and a checkpoint, then resumed by 2 processes and, from a copy,
-    by 1 process; and 2 processes computing in bfloat16."""
+    """The same 6 steps five ways: 1 plain process (batch 4 x 2 micro-batches); 2 processes (batch 4 each); 2
+    processes stopped at step 3, right after an evaluation and a checkpoint, then resumed by 2 processes and, from a
+    copy, by 1 (torchrun's one process: the checkpoint is in DCP's format); and 2 processes computing in bfloat16."""
     root = tmp_path_factory.mktemp("dist")
     r = {k: str(root / k) for k in ("one", "two", "cut", "cut_to_one", "bf16")}
-    train(1, r["one"], "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6")
+    train(0, r["one"], "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6")
     train(2, r["two"], "--batch_size", "4", "--max_steps", "6")
     train(2, r["cut"], "--batch_size", "4", "--max_steps", "3")
     shutil.copytree(r["cut"], r["cut_to_one"], symlinks=True)
@@ -97,7 +98,8 @@ def test_a_checkpoint_written_right_after_evaluation_resumes_exactly(runs):
 
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(runs):
-    """The training state is in DCP's format: saved by 2 processes, it is resharded for 1 (same global batch)."""
+    """The training state is in DCP's format: saved by 2 processes, it is resharded for 1 (same global batch), and
+    ends as the plain one-process run of the same 6 steps does."""
     assert "at step 3" in runs["resumed_by_one"]
     a, b = weights(runs["one"]), weights(runs["cut_to_one"])
     for k in a:
@@ -114,7 +116,21 @@ def test_resuming_with_another_global_batch_is_refused(runs, tmp_path):
     assert_one_line_error(rc, err, "global batch of 8", "this run has 4")
 
 
-def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path):
+def test_checkpoints_name_the_way_to_resume_them(runs, tmp_path):
+    """A torchrun checkpoint (DCP) resumed by one plain process, and a plain one under torchrun, are refused with
+    the way that works."""
+    out = str(tmp_path / "c")
+    shutil.copytree(runs["cut"], out, symlinks=True)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--batch_size", "8", "--max_steps", "6", "--out", out, "--resume")
+    assert_one_line_error(rc, err, "resumes under torchrun", "--nproc_per_node 1")
+    plain = str(tmp_path / "p")
+    train(0, plain, "--batch_size", "8", "--max_steps", "1")
+    rc, out, err = torchrun(1, "sorted_train.py", *FAST, "--batch_size", "8", "--max_steps", "2", "--out", plain,
+                            "--resume")
+    assert rc != 0 and "resumes in one process (python sorted_train.py --resume)" in err, err[-2000:]
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path, rank0_of_one):
     """DCP unpickles its .metadata file; resuming checks first that it names nothing but DCP's own records."""
     out = str(tmp_path / "c")
     shutil.copytree(runs["cut_to_one"], out, symlinks=True)
@@ -135,7 +151,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoint_values_that_would_run_code_are_refused(runs, tmp_path):
+def test_checkpoint_values_that_would_run_code_are_refused(runs, tmp_path, rank0_of_one):
     """DCP's byte entries (AdamW's param_groups) are pickles too: an entry whose unpickling would run code is
     refused, though the metadata pointing at it names only DCP's records."""
     import pickle
@@ -167,7 +183,7 @@ def test_bfloat16_mixed_precision_on_cpu(runs):
             assert abs(x[e] - y[e]) < 0.01 * x[e], (x, y)  # ... and follows the float32 run
     assert bf16[-2]["4"] < 0.9 * bf16[0]["4"]
     # the training state keeps float32 weights and moments; the weights for inference are in bfloat16
-    from distributed import MetadataUnpickler
+    from scale.checkpoint import MetadataUnpickler
     with open(os.path.join(runs["bf16"], "latest", "train_state", ".metadata"), "rb") as f:
         meta = MetadataUnpickler(f).load()
     dtypes = {k: v.properties.dtype for k, v in meta.state_dict_metadata.items() if hasattr(v, "properties")}
@@ -182,25 +198,27 @@ def test_bfloat16_mixed_precision_on_cpu(runs):
     assert diff / norm < 0.02, f"{diff / norm:.4f}"
 
 
-def test_evaluation_leaves_every_parameter_sharded():
+def test_saving_after_evaluation_finds_every_parameter_sharded(tmp_path):
     """After a no-grad forward FSDP2 keeps the root (embeddings, shared norm and head) gathered, so that the
-    module's parameters are full tensors instead of this rank's shards; evaluate() reshards them. On a fake
+    module's parameters are full tensors instead of this rank's shards; saving reshards them first. On a fake
     process group of 2 ranks: collectives do nothing, which the check does not need."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    import distributed
     from conftest import tiny_args
-    from sorted_train import build_model, evaluate
-    d = distributed.fake(2)
+    from model import Transformer
+    from scale.fsdp import Sharded, reshard
+    from sorted_train import evaluate
+    run = Sharded(False, torch.float32, fake_world=2)
     try:
-        model, objective = build_model(tiny_args(), "sorted", [2, 4], d, torch.float32)
+        model = run.build(lambda: Transformer(tiny_args()))
         examples = [([1, 5, 6, 7, 8, 9, 2], 4)] * 3
-        evaluate(objective, examples, [2, 4], 2, d, torch.autocast("cpu", enabled=False))
+        evaluate(run.objective(model), examples, [2, 4], 2, run)
+        assert [n for n, p in model.named_parameters() if not isinstance(p, DTensor)], "nothing left gathered"
+        reshard(run.root)  # what Sharded.save does first
         gathered = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
         assert not gathered, gathered
     finally:
-        dist.destroy_process_group()
+        run.close()
 
 
 # --- activation checkpointing with compile
@@ -211,20 +229,16 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
     in backward, with the loss and gradients of eager mode."""
     from torch.profiler import ProfilerActivity, profile
 
-    import distributed
     from conftest import tiny_args
-    from model import init_weights
-    from soft import forward_backward
-    from sorted_train import build_model
+    from model import Transformer
+    from sorted_train import OneProcess, load_initial_weights
     args = tiny_args(n_layers=3)
 
     def build(activation_checkpointing, compile):
-        model, objective = build_model(args, "sorted", [2, 3], distributed.Dist(), torch.float32,
-                                       activation_checkpointing, compile)
-        g = torch.Generator().manual_seed(0)
-        distributed.load_weights(model, ((n, init_weights(n, p.shape, 3, g)) for n, p in model.named_parameters()),
-                                 "random init")
-        return model, objective
+        run = OneProcess(torch.device("cpu"), torch.float32, activation_checkpointing, compile)
+        model = run.build(lambda: Transformer(args))
+        load_initial_weights(model, None, 0, run.put)
+        return model, run.objective(model, fused=True)
 
     g = torch.Generator().manual_seed(1)
     batch = (torch.randint(0, 400, (2, 32), generator=g), torch.arange(64), torch.randint(0, 400, (64,), generator=g))
@@ -233,8 +247,9 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
         """Per-exit losses, and the bytes autograd keeps for backward."""
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            sums = forward_backward(objective, [batch], [2, 3], [1.0, 1.0], 1.0)
-        return sums, sum(saved)
+            loss, ce = objective(*batch, [2, 3], [1.0, 1.0])
+            loss.backward()
+        return ce, sum(saved)
 
     eager, eager_objective = build(False, False)
     both, both_objective = build(True, True)

@@ -108,9 +108,9 @@ def test_drafts_stop_at_eos():
     seen = []
     run_layers = model.run_layers
 
-    def spy(h, start_pos, first, last, pad=None):
+    def spy(h, start_pos, first, last, positions=None, mask=None):
         seen.append(start_pos + h.size(1))
-        return run_layers(h, start_pos, first, last, pad)
+        return run_layers(h, start_pos, first, last, positions, mask)
     model.run_layers = spy
     stats = {}
     out = generate(model, PROMPT, 30, draft_layers=2, num_speculations=8, draft_confidence=0.0, eos_id=eos, stats=stats)

@@ -1,13 +1,29 @@
-"""What keeps the code readable as it grows: lines of at most 120 characters, scripts that import libraries."""
+"""What keeps the code readable as it grows: lines of at most 120 characters, scripts that import libraries, a core
+that reaches its layers only where it hands over to them."""
 import ast
 import glob
 import os
 
 from conftest import ROOT
 
-SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))
-                 + glob.glob(os.path.join(ROOT, "scripts", "*")))
+LAYERS = ("scale", "decoding", "variants")  # the layers' packages
+CORE = ("model", "soft", "data", "sorted_train", "generate", "load_llama")
 SCRIPTS = ("sorted_train", "analyze", "bench")  # command-line programs: nothing imports them
+MODULES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + [p for layer in LAYERS
+                                                          for p in glob.glob(os.path.join(ROOT, layer, "*.py"))])
+SOURCES = MODULES + sorted(glob.glob(os.path.join(ROOT, "tests", "*.py")) +
+                           glob.glob(os.path.join(ROOT, "scripts", "*")))
+
+
+def imports(path: str):
+    """(the imported module, whether at the top level of the file) for every import in it."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    top = set(id(n) for n in tree.body)
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        yield from ((n, id(node) in top) for n in names)
 
 
 def test_lines_are_at_most_120_characters():
@@ -20,12 +36,14 @@ def test_lines_are_at_most_120_characters():
 
 
 def test_no_module_imports_a_script():
-    offenders = []
-    for path in glob.glob(os.path.join(ROOT, "*.py")):
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            offenders += [f"{os.path.basename(path)} imports {n}" for n in names if n in SCRIPTS]
+    offenders = [f"{os.path.relpath(path, ROOT)} imports {n}" for path in MODULES for n, _ in imports(path)
+                 if n in SCRIPTS]
+    assert not offenders, offenders
+
+
+def test_the_core_imports_a_layer_only_where_it_hands_over():
+    """The core's files import no layer at their top: a layer is imported inside the one function that hands a
+    job over to it, so that a reader of the core meets only the core."""
+    offenders = [f"{name}.py imports {n} at the top" for name in CORE for n, top in imports(os.path.join(ROOT,
+                 name + ".py")) if top and n.split(".")[0] in LAYERS]
     assert not offenders, offenders

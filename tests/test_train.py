@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, assert_close, assert_one_line_error, random_model, run_main, tiny_args
 from data import batch_tensors, collate
-from soft import LinearCrossEntropy, SortedObjective, linear_cross_entropy
+from scale.fused_ce import LinearCrossEntropy, SortedObjective, linear_cross_entropy
+from soft import sorted_loss
 
 # a small, fast configuration of the trainer on the built-in tasks
 FAST = ["--dim", "64", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--num_examples", "600",
@@ -30,8 +31,7 @@ def test_summed_loss_is_the_sum_of_exit_cross_entropies_through_the_shared_head(
     labels[:, :5] = -100  # the prompt
     labels[2, 9:] = -100  # padding
     positions = (labels.view(-1) != -100).nonzero().squeeze(1)
-    loss, per_exit = SortedObjective(model, "sorted")(tokens, positions, labels.view(-1)[positions], exits, weights,
-                                                      scale=0.1)
+    loss, per_exit = sorted_loss(model, tokens, positions, labels.view(-1)[positions], exits, weights, scale=0.1)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
     # by hand: full logits at each depth through model.norm and model.output, CE on the response tokens
@@ -44,6 +44,29 @@ def test_summed_loss_is_the_sum_of_exit_cross_entropies_through_the_shared_head(
     assert_close(loss.detach(), ref.detach(), 1e-6, "summed loss")
     assert_close(per_exit, torch.stack(ref_terms).detach(), 1e-6, "per-exit loss")
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert_close(a, b, 1e-5, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("variant", ["shared head", "a head per exit", "no exit norm"])
+def test_the_fused_loss_gives_the_plain_loss_and_its_gradients(variant):
+    """scale/fused_ce.py against soft.py: the same loss, per-exit sums and gradients, whatever head an exit reads."""
+    kw = {"shared head": {}, "a head per exit": dict(heads=[2, 3]), "no exit norm": dict(exit_norm=False)}[variant]
+    model = random_model(tiny_args(n_layers=4), **kw).train()
+    g = torch.Generator().manual_seed(2)
+    for p in model.parameters():  # the heads of their own are not copies of the shared one
+        p.data.add_(0.01 * torch.randn(p.shape, generator=g))
+    tokens = torch.randint(0, 400, (3, 12), generator=g)
+    positions = torch.tensor([4, 5, 9, 10, 11, 17, 30, 33, 35])
+    targets = torch.randint(0, 400, (9,), generator=g)
+    params = list(model.parameters())
+    results = []
+    for loss_fn in (lambda *b: sorted_loss(model, *b), SortedObjective(model)):
+        loss, per_exit = loss_fn(tokens, positions, targets, [2, 3, 4], [0.5, 1.0, 2.0], 0.1)
+        results.append((loss.detach(), per_exit, torch.autograd.grad(loss, params)))
+    (plain, plain_ce, plain_grads), (fused, fused_ce, fused_grads) = results
+    assert_close(fused, plain, 1e-6, "loss")
+    assert_close(fused_ce, plain_ce, 1e-6, "per-exit losses")
+    for (name, _), a, b in zip(model.named_parameters(), fused_grads, plain_grads):
         assert_close(a, b, 1e-5, f"gradient of {name}")
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import assert_close, assert_one_line_error, random_model, run_main, tiny_args
 from data import batch_tensors, corpus, tokenize
 from load_llama import load_model, load_tokenizer
-from soft import SortedObjective
+from soft import sorted_loss
 from test_train import FAST
 
 
@@ -45,7 +45,7 @@ def test_pretraining_loss_is_the_next_token_loss_over_every_position(tokenizer_p
     model = random_model(tiny_args(vocab_size=tok.vocab_size))
     tokens, positions, targets = batch_tensors(examples, "cpu")
     assert targets.numel() == sum(len(ids) - 1 for ids, _ in examples)
-    _, per_exit = SortedObjective(model, "sft")(tokens, positions, targets, [4], [1.0], 1.0)
+    _, per_exit = sorted_loss(model, tokens, positions, targets, [4], [1.0], 1.0)
     # by hand: each document alone, every token after the first predicted from the ones before it
     ref = sum(F.cross_entropy(model(torch.tensor([ids[:-1]]))[0], torch.tensor(ids[1:]), reduction="sum")
               for ids, _ in examples)
@@ -58,28 +58,26 @@ def test_exits_without_the_final_norm_read_the_shared_head_directly():
     positions = torch.arange(20)
     targets = torch.randint(0, 400, (20,), generator=g)
     for exit_norm in (True, False):
-        model = random_model(tiny_args(exit_norm=exit_norm))
+        model = random_model(tiny_args(), exit_norm=exit_norm)
         h2, h4 = model(tokens, exits=[2, 4])
         below = model.output(model.norm(h2)) if exit_norm else model.output(h2)
         assert_close(model.head(h2, 2), below.detach(), 1e-6, "the head of exit 2")
         assert_close(model(tokens, n_layers=2), below.detach(), 1e-5, "the depth-2 model")
         assert_close(model.head(h4, 4), model.output(model.norm(h4)).detach(), 1e-6, "the last layer keeps its norm")
-        _, per_exit = SortedObjective(model, "sorted")(tokens, positions, targets, [2, 4], [1.0, 1.0], 1.0)
+        _, per_exit = sorted_loss(model, tokens, positions, targets, [2, 4], [1.0, 1.0], 1.0)
         ref = F.cross_entropy(below.flatten(0, 1), targets, reduction="sum")
         assert_close(per_exit[0], ref.detach(), 1e-5, "the objective at exit 2")
     assert not torch.allclose(model.output(h2), model.output(model.norm(h2)))  # the norm does change the logits
 
 
 def test_separate_heads_take_the_intermediate_exits_and_the_shared_head_only_the_last():
-    model = random_model(tiny_args()).train()
-    model.add_exit_heads([2, 3])
+    model = random_model(tiny_args(), heads=[2, 3]).train()
     g = torch.Generator().manual_seed(1)
     for p in model.exit_heads.parameters():
         p.data.normal_(0, 0.1, generator=g)
     tokens = torch.randint(0, 400, (2, 10), generator=g)
     positions, targets = torch.arange(20), torch.randint(0, 400, (20,), generator=g)
-    objective = SortedObjective(model, "sorted")
-    loss, per_exit = objective(tokens, positions, targets, [2, 3, 4], [1.0, 1.0, 1.0], 1.0)
+    loss, per_exit = sorted_loss(model, tokens, positions, targets, [2, 3, 4], [1.0, 1.0, 1.0], 1.0)
     loss.backward()
     for e in (2, 3):
         head = model.exit_heads[str(e)]
@@ -89,7 +87,7 @@ def test_separate_heads_take_the_intermediate_exits_and_the_shared_head_only_the
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0  # the trunk is trained too
     shared = [model.output.weight.grad.clone(), model.norm.weight.grad.clone()]
     model.zero_grad()
-    last, _ = objective(tokens, positions, targets, [4], [1.0], 1.0)
+    last, _ = sorted_loss(model, tokens, positions, targets, [4], [1.0], 1.0)
     last.backward()
     assert_close(shared[0], model.output.weight.grad, 1e-6, "shared head's gradient: the last exit's alone")
     assert_close(shared[1], model.norm.weight.grad, 1e-6, "shared norm's gradient: the last exit's alone")
@@ -128,7 +126,7 @@ def test_pretrain_then_fine_tune_with_a_head_per_exit_and_without_the_exit_norm(
                             "--out", no_norm)
     assert rc == 0, err
     assert "no norm below the last" in out
-    assert load_model(no_norm).args.exit_norm is False
+    assert load_model(no_norm).exit_norm is False
     rc, _, err = run_main("load_llama.py", "export", no_norm, str(tmp_path / "hf"), "--layers", "2")
     assert_one_line_error(rc, err, "without the final norm")
     rc, _, err = run_main("analyze.py", "--ckpt", no_norm, "--vs", heads, "--num_examples", "6",

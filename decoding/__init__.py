@@ -1,0 +1,70 @@
+"""The fast decoding layer: what generate.generate hands over to when asked for more than the plain loop.
+
+  step.py         one step through a range of layers, eager or through compiled graphs over a static KV cache
+  batch.py        several prompts decoded together (generate_batch), left-padded, each row masked
+  speculative.py  self-speculative decoding: the first K layers draft, the full model verifies
+  early_exit.py   each token leaves at the first exit confident enough
+"""
+from functools import partial
+
+import torch
+
+from decoding.batch import generate_batch
+from decoding.early_exit import exit_early
+from decoding.speculative import speculate
+from decoding.step import layers_fn, open_cache
+from generate import sample
+from model import Transformer, default_exits
+
+
+@torch.no_grad()
+def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, layers=None, temperature=0.0,
+                  top_k=None, top_p=None, eos_id=None, seed=None, on_token=None, compile=False, draft_layers=None,
+                  num_speculations=8, draft_confidence=0.5, early_exit=None, exits=None, stats=None) -> list[int]:
+    """generate.generate, decoded one of three ways: compiled plain decoding (through batch.py, one row),
+    self-speculative decoding (draft_layers: the first K layers draft up to num_speculations tokens, fewer where
+    their top probability drops below draft_confidence; compiled or not) or early exit (each token leaves at the
+    first of `exits` whose top probability reaches early_exit: one threshold, or one per exit below the last;
+    eager). stats, if given, receives the drafts' acceptance or the exit depths."""
+    n = model.args.n_layers
+    T = len(prompt_ids)
+    if not 0 < T < model.args.max_seq_len:
+        raise ValueError(f"the prompt is {T} tokens; it must be 1..{model.args.max_seq_len - 1} (max_seq_len)")
+    if not (draft_layers or early_exit is not None):
+        return generate_batch(model, [prompt_ids], max_new_tokens, layers=layers, temperature=temperature, top_k=top_k,
+                              top_p=top_p, eos_id=eos_id, seed=seed,
+                              on_token=on_token and (lambda _, token: on_token(token)), compile=compile)[0]
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
+    if max_new_tokens < 1:
+        return []
+    device = model.output.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    out = []
+
+    def emit(token: int) -> bool:
+        """Record a token; True when decoding should stop."""
+        if token == eos_id:
+            return True
+        out.append(token)
+        if on_token:
+            on_token(token)
+        return len(out) >= max_new_tokens
+
+    prompt = torch.tensor([prompt_ids], device=device)
+    size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
+    compile = compile and bool(draft_layers)  # early exit stays eager
+    open_cache(model, 1, size, compile)
+    try:
+        if draft_layers:
+            assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
+            speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size,
+                      eos_id, stats, (temperature, top_k, top_p, generator), layers_fn(model, compile))
+        else:
+            exits = sorted(set(exits or default_exits(n)) | {n})
+            thresholds = list(early_exit) if isinstance(early_exit, (list, tuple)) else [early_exit] * len(exits[:-1])
+            assert len(thresholds) == len(exits) - 1, f"{len(thresholds)} thresholds for the exits {exits[:-1]}"
+            exit_early(model, prompt, exits, dict(zip(exits, thresholds)), pick, emit, size, stats)
+        return out
+    finally:
+        model.drop_cache()
