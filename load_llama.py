@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ModelArgs, Transformer, default_exits
+from model import ModelArgs, Transformer, default_exits, init_weights
 
 
 class CheckpointError(Exception):  # something about the user's files is wrong: one line, and the script exits
@@ -332,6 +332,25 @@ def copy_weights(model, tensors, where: str, put) -> list[str]:
     return sorted(params)
 
 
+def load_initial_weights(model, init: str | None, seed: int, put):
+    """The weights of the checkpoint folder `init`, or a random init drawn from the seed; an exit's own head that
+    `init` lacks starts as the shared head. put(param, tensor) writes a whole tensor into a parameter (under
+    torchrun: a process its shard of it)."""
+    if init:
+        absent = copy_weights(model, iter_state_dict(resolve(init), *read_args(init)), init, put)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        absent = [n for n, _ in model.named_parameters() if n.startswith("exit_heads.")]
+        for name, p in model.named_parameters():
+            if name not in absent:
+                put(p, init_weights(name, p.shape, model.args.n_layers, g))
+    with torch.no_grad():
+        for e, head in getattr(model, "exit_heads", {}).items():
+            if f"exit_heads.{e}.output.weight" in absent:
+                head.norm.weight.copy_(model.norm.weight)
+                head.output.weight.copy_(model.output.weight)
+
+
 # --- writing
 
 def save_weights(state: dict, folder: str):
@@ -346,6 +365,30 @@ def save_params(args: ModelArgs, folder: str, tokenizer_path: str | None = None,
         json.dump({**dataclasses.asdict(args), **extra}, f, indent=2)
     if tokenizer_path:
         shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def sync(path: str):
+    """Flush a file, or a folder's list of entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def publish(out: str, tmp: str, name: str):
+    """Make the checkpoint written into out/tmp the current one, out/name: its files flushed to disk, renamed, then
+    the link out/latest switched to it in one atomic rename; the checkpoints before it deleted."""
+    for f in os.listdir(tmp) + [""]:
+        sync(os.path.join(tmp, f))
+    os.rename(tmp, os.path.join(out, name))
+    link = os.path.join(out, "latest")
+    if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
+        os.remove(link + ".tmp")
+    os.symlink(name, link + ".tmp")
+    sync(out)
+    os.replace(link + ".tmp", link)  # the switch
+    sync(out)
+    for old in [f for f in os.listdir(out) if f.startswith("step_") and f != name]:
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
 
 
 def save_model(state: dict, args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):

@@ -14,16 +14,15 @@ import resource
 import shutil
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from data import DataError, atomic_write, batch_tensors, dataset, n_targets, step_batches, tokenize, train_tokenizer
-from load_llama import (CheckpointError, copy_weights, iter_state_dict, load_tokenizer, new_model, parse_depths,
+from load_llama import (CheckpointError, load_initial_weights, load_tokenizer, new_model, parse_depths, publish,
                         read_args, read_json, resolve, save_params, save_weights)
-from model import PRESETS, ModelArgs, default_exits, init_weights
+from model import PRESETS, ModelArgs, default_exits
 from soft import sorted_loss
 
 
@@ -35,8 +34,7 @@ def get_args(argv=None):
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
         g.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name}")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="Alpaca JSON or JSONL of {instruction, input, output} "
-                                                "(default: the built-in tasks)")
+    g.add_argument("--data", default=None, help="Alpaca JSON or JSONL (default: the built-in tasks)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.model (default: --init's, or one trained here)")
     g.add_argument("--vocab_size", type=int, default=512, help="of the tokenizer trained for the built-in tasks")
     g.add_argument("--max_seq_len", type=int, default=256, help="longer examples are truncated (and counted)")
@@ -44,8 +42,7 @@ def get_args(argv=None):
     g.add_argument("--num_examples", type=int, default=32000, help="built-in examples (--pretrain: documents)")
     g.add_argument("--pretrain", action="store_true", help="on the built-in corpus: a loss at every position")
     g = p.add_argument_group("objective")
-    g.add_argument("--mode", default="sorted", choices=["sorted", "sft", "ict"],
-                   help="sorted: SoFT; sft: the last layer only; ict: SFT+ICT, a head per exit on a frozen model")
+    g.add_argument("--mode", default="sorted", choices=["sorted", "sft", "ict"], help="SoFT, SFT, or SFT+ICT")
     g.add_argument("--exits", default=None, help="comma-separated depths, e.g. 12,16,...,40 (default: evenly spaced)")
     g.add_argument("--exit_weights", default=None, help="comma-separated loss weights, one per exit (default: all 1)")
     g.add_argument("--separate_heads", action="store_true", help="a head of its own for each exit below the last")
@@ -58,8 +55,7 @@ def get_args(argv=None):
     g.add_argument("--beta2", type=float, default=None, help="AdamW's beta2 (default 0.95; with --init 0.999)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--batch_size", type=int, default=32, help="examples per micro-batch per process")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches a step (global batch: batch x accum x "
-                                                             "processes)")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches a step (global batch: batch x accum x N)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--max_steps", type=int, default=None, help="overrides --epochs")
     g.add_argument("--seed", type=int, default=1337)
@@ -70,12 +66,10 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
     g = p.add_argument_group("system (scale/: what makes it fit and go fast)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU); weights stay float32")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA")
     g.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
-    g.add_argument("--fused_ce", action="store_true", help="the loss in chunks, never an exit's whole logits "
-                                                           "(always so under torchrun)")
+    g.add_argument("--fused_ce", action="store_true", help="the loss in chunks, never whole logits (so under torchrun)")
     g.add_argument("--estimate", action="store_true", help="no training: one step of --nproc GPUs, simulated")
     g.add_argument("--nproc", type=int, default=8, help="--estimate: processes (GPUs) of the simulated run")
     g.add_argument("--gpu_memory", type=float, default=80, help="--estimate: GiB of memory per GPU")
@@ -155,22 +149,19 @@ def check_fits(args: ModelArgs, heads: list[int], frozen_trunk: bool, world: int
                               "more GPUs with torchrun (plan it with --estimate --nproc N)")
 
 
-def load_initial_weights(model, init: str | None, seed: int, put):
-    """--init's weights, or a random init drawn from the seed; an exit's own head that --init lacks starts as the
-    shared head. put(param, tensor) writes a whole tensor into a parameter (under torchrun: a process its shard)."""
-    if init:
-        absent = copy_weights(model, iter_state_dict(resolve(init), *read_args(init)), init, put)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        absent = [n for n, _ in model.named_parameters() if n.startswith("exit_heads.")]
-        for name, p in model.named_parameters():
-            if name not in absent:
-                put(p, init_weights(name, p.shape, model.args.n_layers, g))
-    with torch.no_grad():
-        for e, head in getattr(model, "exit_heads", {}).items():
-            if f"exit_heads.{e}.output.weight" in absent:
-                head.norm.weight.copy_(model.norm.weight)
-                head.output.weight.copy_(model.output.weight)
+def build(a, run, vocab_size: int | None, real: bool = True):
+    """(the model with its first weights, its loss, AdamW, (exits, loss exits, loss weights, own heads)) for train()
+    and the memory plan; real=False: a simulated run, with no weights and no device to fit."""
+    args = model_args(a, vocab_size)
+    exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
+    if real:
+        check_fits(args, heads, a.mode == "ict", run.world, run.device)
+    model = run.build(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"))
+    if real:
+        load_initial_weights(model, a.init, a.seed, run.put)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
+    return model, run.objective(model, a.fused_ce), opt, (exits, loss_exits, loss_weights, heads)
 
 
 class OneProcess:
@@ -201,13 +192,12 @@ class OneProcess:
         if fused:
             from scale.fused_ce import SortedObjective
             return SortedObjective(model)
-        return partial(sorted_loss, model)
+        return lambda *batch: sorted_loss(model, *batch)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t  # summed over the processes: this one's
 
-    def barrier(self):
-        pass
+    barrier = close = lambda self: None  # one process waits for no other
 
     def save(self, folder: str, model, opt):  # the weights for inference (in the compute dtype), the training state
         state = model.state_dict()
@@ -221,9 +211,6 @@ class OneProcess:
         state = torch.load(os.path.join(folder, "train_state.pt"), map_location=self.device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
-
-    def close(self):
-        pass
 
 
 def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool):
@@ -243,7 +230,7 @@ def prepare_data(a, run, resume_from: str | None):
     train_records, val_records = dataset(a.data, a.val_size, a.num_examples, a.pretrain)
     tok_path = os.path.join(a.out, "tokenizer.model")
     if run.master and (resume_from or a.tokenizer or a.init or a.data):
-        copy_tokenizer(tokenizer_source(a, resume_from), tok_path)
+        copy_tokenizer(a, resume_from, tok_path)
     elif run.master:  # the built-in tasks: a tokenizer trained on them (for pretraining, on the instructions too)
         instructions = dataset(None, a.val_size, 2000)[0] if a.pretrain else []
         train_tokenizer(train_records + val_records + instructions, a.vocab_size, tok_path)
@@ -259,18 +246,14 @@ def prepare_data(a, run, resume_from: str | None):
     return tokenizer, tok_path, train_ex, val_ex
 
 
-def tokenizer_source(a, resume_from: str | None) -> str:
-    if resume_from:
-        return os.path.join(resume_from, "tokenizer.model")
-    if a.tokenizer:
-        return a.tokenizer
-    if a.init and os.path.exists(os.path.join(resolve(a.init), "tokenizer.model")):
-        return os.path.join(resolve(a.init), "tokenizer.model")
-    raise DataError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder "
-                    "holding one)")
-
-
-def copy_tokenizer(source: str, path: str):
+def copy_tokenizer(a, resume_from: str | None, path: str):
+    """The run's tokenizer into --out: a resumed run's, --tokenizer, or --init's."""
+    init = os.path.join(resolve(a.init), "tokenizer.model") if a.init else None
+    source = os.path.join(resume_from, "tokenizer.model") if resume_from else a.tokenizer or (
+        init if init and os.path.exists(init) else None)
+    if source is None:
+        raise DataError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder "
+                        "holding one)")
     if os.path.realpath(source) != os.path.realpath(path):
         with open(load_tokenizer(source).path, "rb") as f:  # load_tokenizer: one clear line if unreadable
             atomic_write(path, f.read())
@@ -309,16 +292,9 @@ def evaluate(loss_fn, examples, exits: list[int], batch_size: int, run) -> list[
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def sync(path: str):
-    """Flush a file, or a folder's list of entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
 def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, **params):
-    """out/step_NNNNNNN/: what load_model reads, and the training state; written under a temporary name, flushed,
-    then out/latest switches to it in one atomic rename: a crash at any point leaves the previous one current."""
+    """out/step_NNNNNNN/: what load_model reads, and the training state; written under a temporary name, then
+    published (flushed, out/latest switched to it atomically: a crash at any point leaves the previous one current)."""
     name = f"step_{step:07d}"
     while os.path.lexists(os.path.join(out, name)):  # a run started anew wrote this step: the old one stays whole
         name += "+"  # until `latest` leaves it
@@ -332,18 +308,7 @@ def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, *
     run.save(tmp, model, opt)  # every process writes its part
     if run.master:
         save_params(model.args, tmp, tokenizer_path, step=step, **params)
-        for f in os.listdir(tmp) + [""]:
-            sync(os.path.join(tmp, f))
-        os.rename(tmp, os.path.join(out, name))
-        link = os.path.join(out, "latest")
-        if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
-            os.remove(link + ".tmp")
-        os.symlink(name, link + ".tmp")
-        sync(out)
-        os.replace(link + ".tmp", link)  # the switch to the new checkpoint
-        sync(out)
-        for old in [f for f in os.listdir(out) if f.startswith("step_") and f != name]:
-            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+        publish(out, tmp, name)
     run.barrier()
 
 
@@ -385,14 +350,8 @@ def train(a):
     tokenizer, tok_path, train_ex, val_ex = prepare_data(a, run, resume_from)
 
     # the model with its first weights, the exits its loss sums over, AdamW
-    args = model_args(a, tokenizer.vocab_size)
-    exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
-    check_fits(args, heads, a.mode == "ict", run.world, run.device)
-    model = run.build(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"))
-    load_initial_weights(model, a.init, a.seed, run.put)
-    loss_fn = run.objective(model, a.fused_ce)  # soft.sorted_loss, or scale/fused_ce.py's
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
+    model, loss_fn, opt, (exits, loss_exits, loss_weights, heads) = build(a, run, tokenizer.vocab_size)
+    args, trainable = model.args, [p for p in model.parameters() if p.requires_grad]
 
     # the schedule, and where a resumed run stands in it
     global_batch = a.batch_size * a.grad_accum * run.world
@@ -480,13 +439,9 @@ def plan_memory(a, simulate: bool, search: bool = True) -> dict:
         raise DataError("--measure_memory measures the FSDP step of a torchrun run: launch it with "
                         "torchrun --nproc_per_node N sorted_train.py --measure_memory ...")
     from scale import memory
-    args = model_args(a, a.vocab_size if a.model == "tiny" else None)
-    exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
     cuda = torch.cuda.is_available() and a.device != "cpu"
     dtype = (torch.bfloat16 if cuda or simulate else torch.float32) if a.dtype == "auto" else getattr(torch, a.dtype)
-    return memory.plan(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"),
-                       lambda model, put: load_initial_weights(model, None, a.seed, put),
-                       dict(lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay), loss_exits, loss_weights,
+    return memory.plan(lambda run: build(a, run, a.vocab_size if a.model == "tiny" else None, real=not simulate),
                        simulate, a.nproc, cuda, dtype, a.activation_checkpointing, a.grad_clip, a.batch_size,
                        a.max_seq_len, a.grad_accum, a.gpu_memory, search)
 

@@ -109,27 +109,22 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.1f} MiB"
 
 
-def plan(make_model, init_weights, adamw: dict, exits: list[int], weights: list[float], simulate: bool,
-         nproc: int, cuda: bool, dtype, activation_checkpointing: bool, grad_clip: float, batch_size: int,
-         seq_len: int, grad_accum: int, gpu_memory: float, search: bool = True) -> dict:
+def plan(build, simulate: bool, nproc: int, cuda: bool, dtype, activation_checkpointing: bool, grad_clip: float,
+         batch_size: int, seq_len: int, grad_accum: int, gpu_memory: float, search: bool = True) -> dict:
     """Each process's peak memory in one training step of sorted_train.py, by kind; printed, and returned in bytes.
 
-    make_model() builds the model, init_weights(model, put) gives it its first weights, adamw are AdamW's settings,
-    exits and weights the loss's. simulate: rank 0 of a fake process group of nproc ranks, everything on fake
-    tensors. Otherwise this run's own processes (under torchrun) take the step for real, and the allocator's peak
-    is printed beside the tracker's. The batch is the worst case: every row seq_len tokens, every token a target.
-    With `search`, a simulation also finds the largest batch size that fits gpu_memory (GiB).
+    build(run) makes the model, its loss, AdamW and the exits as the trainer does. simulate: rank 0 of a fake process
+    group of nproc ranks, everything on fake tensors. Otherwise this run's own processes (under torchrun) take the
+    step for real, and the allocator's peak is printed beside the tracker's. The batch is the worst case: every row
+    seq_len tokens, every token a target. With `search`, a simulation also finds the largest batch size that fits
+    gpu_memory (GiB).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     run = Sharded(cuda, dtype, activation_checkpointing, False, fake_world=nproc if simulate else None)
     tensors = FakeTensorMode() if simulate else contextlib.nullcontext()
     with tensors, (contextlib.nullcontext() if simulate else AllocatorPeak(run.device)) as measured:
-        model = run.build(make_model)
-        if not simulate:  # real numbers, as a run starts with (no denormals or NaNs to slow the CPU)
-            init_weights(model, run.put)
-        objective = run.objective(model)
+        model, objective, opt, (_, exits, weights, _) = build(run)  # measured: the weights a run starts with
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, **adamw)
 
         def step(B: int, T: int, tracker=None):
             """The trainer's step (sorted_train.py train), on micro-batches of B rows of T tokens, all targets."""

@@ -231,7 +231,8 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
 
     from conftest import tiny_args
     from model import Transformer
-    from sorted_train import OneProcess, load_initial_weights
+    from load_llama import load_initial_weights
+    from sorted_train import OneProcess
     args = tiny_args(n_layers=3)
 
     def build(activation_checkpointing, compile):

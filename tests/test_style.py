@@ -47,3 +47,22 @@ def test_the_core_imports_a_layer_only_where_it_hands_over():
     offenders = [f"{name}.py imports {n} at the top" for name in CORE for n, top in imports(os.path.join(ROOT,
                  name + ".py")) if top and n.split(".")[0] in LAYERS]
     assert not offenders, offenders
+
+
+def test_the_readme_reading_order_points_at_whole_definitions():
+    """The README's reading order gives line ranges of the core: each must start where the file, a section ruler or
+    a definition starts and end where one ends, so that the table follows the code when it moves."""
+    import re
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        ranges = re.findall(r"\| `(\w+\.py)` ((?:\d+-\d+(?:, )?)+) \|", f.read())
+    assert {name for name, _ in ranges} >= {f"{name}.py" for name in CORE}, ranges
+    for name, spans in ranges:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        statements = ast.parse(text).body
+        starts = {1} | {min([s.lineno] + [d.lineno for d in getattr(s, "decorator_list", [])]) for s in statements}
+        starts |= {i for i, line in enumerate(text.splitlines(), 1) if line.startswith("# ---")}
+        ends = {s.end_lineno for s in statements}
+        for span in spans.split(", "):
+            first, last = map(int, span.split("-"))
+            assert first in starts and last in ends, f"{name} {span}: not the lines of whole definitions"
