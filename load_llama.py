@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data import atomic_write
 from model import ModelArgs, Transformer, default_exits, init_weights
 
 
@@ -51,6 +52,20 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such tokenizer file (pass --tokenizer path/to/tokenizer.model)")
     return Tokenizer(path)
+
+
+def copy_tokenizer(source: str | None, init: str | None, path: str):
+    """The tokenizer.model at source (a file, or a checkpoint folder holding one), else beside the weights `init`,
+    copied to path."""
+    beside = os.path.join(resolve(init), "tokenizer.model") if init else None
+    source = source or (beside if beside and os.path.exists(beside) else None)
+    if source is None:
+        raise CheckpointError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder "
+                              "holding one)")
+    tokenizer = load_tokenizer(source)  # one clear line if it is not one
+    if os.path.realpath(tokenizer.path) != os.path.realpath(path):
+        with open(tokenizer.path, "rb") as f:
+            atomic_write(path, f.read())
 
 
 def check_vocab(model: Transformer, tokenizer: Tokenizer, where: str = "the checkpoint"):
@@ -192,14 +207,30 @@ def safetensors_files(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "*.safetensors")))
 
 
+class Rows:
+    """A tensor of a checkpoint, read no further than asked: its shape, and rows(a, b), rows a..b-1 of its first
+    dimension (a process of a sharded run reads only its own). rows() reads it whole."""
+
+    def __init__(self, shape, read):
+        self.shape, self.read = torch.Size(shape), read
+
+    def rows(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self.read(start, self.shape[0] if end is None else end)
+
+
 def iter_safetensors(files: list[str]):
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    part = f.get_slice(name)
+                    yield name, Rows(part.get_shape(), lambda a, b, part=part: part[a:b])
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{file}: cannot read safetensors file ({e})")
+
+
+def mapped(t: torch.Tensor) -> Rows:
+    return Rows(t.shape, lambda a, b: t[a:b])  # a memory-mapped tensor: only the pages of those rows are read
 
 
 # dims along which Meta's model-parallel shards were cut: ColumnParallelLinear splits the output rows,
@@ -215,7 +246,16 @@ def iter_meta(path: str):
             continue
         parts = [s[name] for s in shards]
         split = META_SPLIT_DIM.get(name.split(".")[-2])
-        yield name, parts[0] if len(parts) == 1 or split is None else torch.cat(parts, dim=split)
+        if len(parts) == 1 or split is None:
+            yield name, mapped(parts[0])
+        elif split == 1:  # the rows asked for, from every shard's columns
+            shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
+            yield name, Rows(shape, lambda a, b, parts=parts: torch.cat([p[a:b] for p in parts], dim=1))
+        else:  # the rows asked for, from the shards that hold them
+            starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+            shape = (starts[-1] + parts[-1].shape[0], parts[0].shape[1])
+            yield name, Rows(shape, lambda a, b, parts=parts, starts=starts: torch.cat(
+                [p[max(a - s, 0):max(b - s, 0)] for p, s in zip(parts, starts)]))
 
 
 def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -227,6 +267,20 @@ def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out, inp = w.shape
     return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def unpermuted(t: Rows, n_heads: int) -> Rows:
+    """Rows of a q/k weight in Meta's rope layout, from one in HF's: each head's rows are permuted among
+    themselves, so rows a..b come from the heads that hold them."""
+    head_dim = t.shape[0] // n_heads
+
+    def read(a, b):
+        first, last = a // head_dim, -(-b // head_dim)
+        if first >= last:
+            return t.rows(a, a)
+        return hf_unpermute(t.rows(first * head_dim, last * head_dim), last - first)[a - first * head_dim:
+                                                                                        b - first * head_dim]
+    return Rows(t.shape, read)
 
 
 # Hugging Face name -> Meta name, inside a block and outside
@@ -245,7 +299,7 @@ def iter_hf(path: str, args: ModelArgs, tied: bool):
         tensors = iter_safetensors(files)
     else:
         bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-        tensors = (kv for f in bins for kv in torch_load(f).items())
+        tensors = ((name, mapped(t)) for f in bins for name, t in torch_load(f).items())
     for hf_name, t in tensors:
         if hf_name in HF_TOP_NAMES:
             name = HF_TOP_NAMES[hf_name]
@@ -255,19 +309,17 @@ def iter_hf(path: str, args: ModelArgs, tied: bool):
             if sub not in HF_BLOCK_NAMES:
                 continue  # e.g. rotary_emb.inv_freq in older exports
             name = f"layers.{i}.{HF_BLOCK_NAMES[sub]}.{rest[-1]}"
-            if sub == "self_attn.q_proj":
-                t = hf_unpermute(t, args.n_heads)
-            elif sub == "self_attn.k_proj":
-                t = hf_unpermute(t, args.n_kv_heads)
+            if sub in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = unpermuted(t, args.n_heads if sub == "self_attn.q_proj" else args.n_kv_heads)
         else:
             continue
         yield name, t
-        if tied and name == "tok_embeddings.weight":
-            yield "output.weight", t.clone()  # our head is a parameter of its own
+        if tied and name == "tok_embeddings.weight":  # our head is a parameter of its own
+            yield "output.weight", Rows(t.shape, lambda a, b, t=t: t.rows(a, b).clone())
 
 
 def iter_state_dict(path: str, args: ModelArgs, layout: str):
-    """(name, tensor) pairs with Meta's names, one tensor at a time, whatever the layout."""
+    """(name, Rows) pairs with Meta's names, one tensor at a time, whatever the layout."""
     if layout == "meta":
         yield from iter_meta(path)
     elif layout == "hf":
@@ -291,7 +343,10 @@ def load_model(path: str, device="cpu", dtype=None) -> Transformer:
     device and given the loaded tensors, so that the peak stays near one copy of the weights."""
     path = resolve(path)
     args, layout = read_args(path)
-    state = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in iter_state_dict(path, args, layout)}
+    state = {}
+    for name, t in iter_state_dict(path, args, layout):
+        t = t.rows()
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
     params = read_json(os.path.join(path, "params.json")) if layout == "ours" else {}
     with torch.device("meta"):
         model = new_model(args, params.get("exit_heads") or [], params.get("exit_norm", True))
@@ -316,7 +371,7 @@ def mismatch(expected: dict, state: dict) -> str:
 
 @torch.no_grad()
 def copy_weights(model, tensors, where: str, put) -> list[str]:
-    """Copy whole tensors (name, tensor), one at a time, with put(param, tensor) (under torchrun: each process its
+    """Copy tensors (name, tensor or Rows), one at a time, with put(param, tensor) (under torchrun: each process its
     shard); the names of the exit heads' that were absent (an SFT checkpoint has no SFT+ICT heads yet)."""
     params = dict(model.named_parameters())
     for name, full in tensors:
@@ -355,8 +410,11 @@ def load_initial_weights(model, init: str | None, seed: int, put):
 
 def save_weights(state: dict, folder: str):
     """model.safetensors: the tensors under Meta's names."""
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
+    path = os.path.join(folder, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
+    umask = os.umask(0)  # safetensors writes its file for its owner alone (0600): give it what every file gets
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_params(args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
@@ -365,6 +423,26 @@ def save_params(args: ModelArgs, folder: str, tokenizer_path: str | None = None,
         json.dump({**dataclasses.asdict(args), **extra}, f, indent=2)
     if tokenizer_path:
         shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+
+
+def new_checkpoint(out: str, step: int) -> str:
+    """The name of step's checkpoint in the training folder out, and its temporary folder out/.tmp_NAME, made. A run
+    started anew that wrote this step before gets a name of its own: the old stays whole until `latest` leaves it."""
+    name = f"step_{step:07d}"
+    while os.path.lexists(os.path.join(out, name)):
+        name += "+"
+    for stale in [f for f in os.listdir(out) if f.startswith(".tmp_step_")]:  # left by a run killed while saving
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+    os.makedirs(os.path.join(out, ".tmp_" + name))
+    return name
+
+
+def resume_point(latest: str, resume: bool) -> str | None:
+    """The training folder of the link `latest` made; the checkpoint it names to resume from (None: a new run)."""
+    os.makedirs(os.path.dirname(latest), exist_ok=True)
+    if resume and os.path.lexists(latest) and not os.path.exists(latest):
+        raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
+    return os.path.realpath(latest) if resume and os.path.exists(latest) else None
 
 
 def sync(path: str):
@@ -429,7 +507,7 @@ def hf_config(args: ModelArgs, layers: int, bos_id: int = 1, eos_id: int = 2, dt
     }
 
 
-def export_hf(src: str, dst: str, layers: int | None = None, dtype=None):
+def export(src: str, dst: str, layers: int | None = None, dtype=None):
     """Write the depth-`layers` sub-model of src as a Hugging Face LlamaForCausalLM folder."""
     model = load_model(src, dtype=dtype)
     k = layers or model.args.n_layers
@@ -439,7 +517,7 @@ def export_hf(src: str, dst: str, layers: int | None = None, dtype=None):
         raise CheckpointError(f"{src} reads layer {k} without the final norm (trained with --no_exit_norm), which "
                               "a LLaMA checkpoint cannot express; export the last layer, or a model trained with it")
     os.makedirs(dst, exist_ok=True)
-    save_file(hf_state_dict(model, k), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    save_weights(hf_state_dict(model, k), dst)
     tok_file = os.path.join(resolve(src), "tokenizer.model")
     bos, eos = 1, 2
     if os.path.exists(tok_file):
@@ -465,7 +543,7 @@ def main(argv=None):
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
     a = p.parse_args(argv)
     try:
-        cfg = export_hf(a.src, a.dst, a.layers, getattr(torch, a.dtype) if a.dtype else None)
+        cfg = export(a.src, a.dst, a.layers, getattr(torch, a.dtype) if a.dtype else None)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     print(f"wrote {a.dst}: LlamaForCausalLM with {cfg['num_hidden_layers']} layers")

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 
@@ -19,9 +18,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import DataError, atomic_write, batch_tensors, dataset, n_targets, step_batches, tokenize, train_tokenizer
-from load_llama import (CheckpointError, load_initial_weights, load_tokenizer, new_model, parse_depths, publish,
-                        read_args, read_json, resolve, save_params, save_weights)
+from data import DataError, batch_tensors, dataset, n_targets, step_batches, tokenize, train_tokenizer
+from load_llama import (CheckpointError, copy_tokenizer, load_initial_weights, load_tokenizer, new_checkpoint,
+                        new_model, parse_depths, publish, read_args, read_json, resume_point, save_params, save_weights)
 from model import PRESETS, ModelArgs, default_exits
 from soft import sorted_loss
 
@@ -66,13 +65,17 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
     g = p.add_argument_group("system (scale/: what makes it fit and go fast)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 where the GPU has it")
     g.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--fused_ce", action="store_true", help="the loss in chunks, never whole logits (so under torchrun)")
+    g.add_argument("--hsdp", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="torchrun: shard over groups of N processes (default: a node's), replicate across them")
+    g.add_argument("--timeout", type=float, default=10, help="torchrun: minutes a collective may wait, then stop")
     g.add_argument("--estimate", action="store_true", help="no training: one step of --nproc GPUs, simulated")
     g.add_argument("--nproc", type=int, default=8, help="--estimate: processes (GPUs) of the simulated run")
-    g.add_argument("--gpu_memory", type=float, default=80, help="--estimate: GiB of memory per GPU")
+    g.add_argument("--gpu_memory", type=float, default=80, help="--estimate: GB per GPU, as vendors print it")
     g.add_argument("--measure_memory", action="store_true", help="no training: under torchrun, that step measured")
     return p.parse_args(argv)
 
@@ -88,12 +91,17 @@ def check_flags(a):
             raise DataError(f"--{flag} must be at least 1")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
-    if a.mode == "ict" and not a.init:
+    if a.mode == "ict" and not a.init and not (a.estimate or a.measure_memory):
         raise DataError("--mode ict tunes exit heads on a trained model: pass --init with an SFT checkpoint")
     if a.separate_heads and a.mode != "sorted":
         raise DataError(f"--separate_heads trains a head per exit with the summed loss of --mode sorted, not {a.mode}")
     if a.pretrain and a.data:
         raise DataError("--pretrain trains on the built-in corpus; it takes no --data")
+    if a.dtype == "float16":
+        raise DataError("--dtype float16 needs loss scaling, which this trainer does not do: use --dtype float32 on a "
+                        "GPU without bfloat16 (the paper's V100s), bfloat16 on one with it")
+    if a.dtype == "bfloat16" and a.device != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise DataError("--dtype bfloat16: this GPU has no bfloat16; use --dtype float32")
 
 
 # --- the model and the exits its loss is taken at
@@ -177,8 +185,8 @@ class OneProcess:
 
     @staticmethod
     @torch.no_grad()
-    def put(p, full: torch.Tensor):
-        p.copy_(full)  # under torchrun, each process keeps its shard of the tensor
+    def put(p, t):
+        p.copy_(t if isinstance(t, torch.Tensor) else t.rows())  # a checkpoint's tensor read whole (scale/: a shard)
 
     def build(self, make_model):
         with torch.device(self.device):
@@ -197,7 +205,10 @@ class OneProcess:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t  # summed over the processes: this one's
 
-    barrier = close = lambda self: None  # one process waits for no other
+    barrier = close = share = lambda self, *_: None  # one process waits for no other, sees its own files
+
+    def decide(self, fn):
+        return fn()  # under torchrun: rank 0's answer, or its error, on every process
 
     def save(self, folder: str, model, opt):  # the weights for inference (in the compute dtype), the training state
         state = model.state_dict()
@@ -213,13 +224,19 @@ class OneProcess:
         opt.load_state_dict(state["optim"])
 
 
-def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool):
-    """This process's place in the run: alone, or one of torchrun's (scale/)."""
+def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool, hsdp: int | None = None,
+          timeout: float = 10, fake_world: int | None = None):
+    """This process's place in the run: alone, or one of torchrun's (scale/; fake_world: rank 0 of a simulated
+    run). --dtype auto is bfloat16 on a GPU that has it, float32 elsewhere (the paper's V100s have none)."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    dtype = (torch.bfloat16 if cuda else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    if "RANK" in os.environ:
+    if cuda:  # memory segments that grow rather than fragment, unless the user chose the allocator's settings
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    dtype = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if bf16 else torch.float32
+    if "RANK" in os.environ or fake_world:
         from scale.fsdp import Sharded
-        return Sharded(cuda, dtype, activation_checkpointing, compile)
+        shard_size = hsdp or int(os.environ.get("LOCAL_WORLD_SIZE", 8)) if hsdp is not None else None
+        return Sharded(cuda, dtype, activation_checkpointing, compile, fake_world, shard_size, timeout)
     return OneProcess(torch.device("cuda" if cuda else "cpu"), dtype, activation_checkpointing, compile)
 
 
@@ -229,12 +246,11 @@ def prepare_data(a, run, resume_from: str | None):
     """(tokenizer, its path in --out, train examples, held-out examples); rank 0 writes the tokenizer."""
     train_records, val_records = dataset(a.data, a.val_size, a.num_examples, a.pretrain)
     tok_path = os.path.join(a.out, "tokenizer.model")
-    if run.master and (resume_from or a.tokenizer or a.init or a.data):
-        copy_tokenizer(a, resume_from, tok_path)
-    elif run.master:  # the built-in tasks: a tokenizer trained on them (for pretraining, on the instructions too)
+    if resume_from or a.tokenizer or a.init or a.data:
+        run.decide(lambda: copy_tokenizer(resume_from or a.tokenizer, a.init, tok_path))
+    else:  # the built-in tasks: a tokenizer trained on them (for pretraining, on the instructions too)
         instructions = dataset(None, a.val_size, 2000)[0] if a.pretrain else []
-        train_tokenizer(train_records + val_records + instructions, a.vocab_size, tok_path)
-    run.barrier()
+        run.decide(lambda: train_tokenizer(train_records + val_records + instructions, a.vocab_size, tok_path))
     tokenizer = load_tokenizer(tok_path)
     train_ex, truncated, dropped = tokenize(train_records, tokenizer, a.max_seq_len)
     val_ex = tokenize(val_records, tokenizer, a.max_seq_len)[0]
@@ -244,19 +260,6 @@ def prepare_data(a, run, resume_from: str | None):
         print(f"data: {len(train_ex)} train / {len(val_ex)} val examples, {truncated} truncated and {dropped} "
               f"dropped at max_seq_len {a.max_seq_len}")
     return tokenizer, tok_path, train_ex, val_ex
-
-
-def copy_tokenizer(a, resume_from: str | None, path: str):
-    """The run's tokenizer into --out: a resumed run's, --tokenizer, or --init's."""
-    init = os.path.join(resolve(a.init), "tokenizer.model") if a.init else None
-    source = os.path.join(resume_from, "tokenizer.model") if resume_from else a.tokenizer or (
-        init if init and os.path.exists(init) else None)
-    if source is None:
-        raise DataError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder "
-                        "holding one)")
-    if os.path.realpath(source) != os.path.realpath(path):
-        with open(load_tokenizer(source).path, "rb") as f:  # load_tokenizer: one clear line if unreadable
-            atomic_write(path, f.read())
 
 
 # --- the loop's helpers: schedule, evaluation, checkpoints
@@ -295,16 +298,8 @@ def evaluate(loss_fn, examples, exits: list[int], batch_size: int, run) -> list[
 def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, **params):
     """out/step_NNNNNNN/: what load_model reads, and the training state; written under a temporary name, then
     published (flushed, out/latest switched to it atomically: a crash at any point leaves the previous one current)."""
-    name = f"step_{step:07d}"
-    while os.path.lexists(os.path.join(out, name)):  # a run started anew wrote this step: the old one stays whole
-        name += "+"  # until `latest` leaves it
-    name = run.decide(name) if run.world > 1 else name  # rank 0's view of the folder, whatever the others see
+    name = run.decide(lambda: new_checkpoint(out, step))  # rank 0's view of the folder, whatever the others see
     tmp = os.path.join(out, ".tmp_" + name)
-    if run.master:
-        for stale in [f for f in os.listdir(out) if f.startswith(".tmp_step_")]:  # left by a run killed while saving
-            shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    run.barrier()
     run.save(tmp, model, opt)  # every process writes its part
     if run.master:
         save_params(model.args, tmp, tokenizer_path, step=step, **params)
@@ -314,39 +309,41 @@ def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, *
 
 def resume(folder: str, run, model, opt, heads: list[int], exit_norm: bool, global_batch: int, log: str) -> int:
     """The step a run resumes at, with its weights and AdamW state restored and its log cut back to that step."""
-    saved = read_json(os.path.join(folder, "params.json"))
-    if saved.get("exit_norm", True) != exit_norm or saved.get("exit_heads", []) != heads:
-        raise DataError(f"{folder} was trained with other exit heads or exit norm (--separate_heads, --no_exit_norm, "
-                        "--mode): resume with the flags it was started with")
-    if saved.get("global_batch", global_batch) != global_batch:
-        raise DataError(f"{folder} was trained with a global batch of {saved['global_batch']} (batch_size x "
-                        f"grad_accum x processes), this run has {global_batch}: resume with the same global batch, "
-                        "so that every step sees the examples it would have seen")
+    def check(saved):  # rank 0 checks: every process gets its verdict
+        if saved.get("exit_norm", True) != exit_norm or saved.get("exit_heads", []) != heads:
+            raise DataError(f"{folder} was trained with other exit heads or exit norm (--separate_heads, "
+                            "--no_exit_norm, --mode): resume with the flags it was started with")
+        if saved.get("global_batch", global_batch) != global_batch:
+            raise DataError(f"{folder} was trained with a global batch of {saved['global_batch']} (batch_size x "
+                            f"grad_accum x processes), this run has {global_batch}: resume with the same global "
+                            "batch, so that every step sees the examples it would have seen")
+        return saved["step"]
+    step = run.decide(lambda: check(read_json(os.path.join(folder, "params.json"))))
     run.restore(folder, model, opt)
     if run.master and os.path.exists(log):
         with open(log) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= saved["step"]]
+            kept = [line for line in f if json.loads(line)["step"] <= step]
         with open(log, "w") as f:
             f.writelines(kept)
-    return saved["step"]
+    return step
 
 
-def peak_memory_gib(device) -> float:  # the CUDA allocator's peak, or on the CPU the resident set's (KiB on Linux)
+def peak_memory(device) -> dict:
+    """GiB at the peak so far: the CUDA allocator's, handed out and held, or on the CPU the resident set's."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return dict(peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3),
+                    peak_reserved_gb=round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 3))
+    return dict(peak_mem_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3))
 
 
 # --- training
 
 def train(a):
     check_flags(a)
-    run = start(a.device, a.dtype, a.activation_checkpointing, a.compile)
-    os.makedirs(a.out, exist_ok=True)
+    run = start(a.device, a.dtype, a.activation_checkpointing, a.compile, a.hsdp, a.timeout)
     latest, log_path = os.path.join(a.out, "latest"), os.path.join(a.out, "log.jsonl")
-    if a.resume and os.path.lexists(latest) and not os.path.exists(latest):
-        raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
-    resume_from = os.path.realpath(latest) if a.resume and os.path.exists(latest) else None
+    resume_from = run.decide(lambda: resume_point(latest, a.resume))  # rank 0 decides: every process, one answer
+    run.share(a.out)  # every process sees the files rank 0 writes there
     tokenizer, tok_path, train_ex, val_ex = prepare_data(a, run, resume_from)
 
     # the model with its first weights, the exits its loss sums over, AdamW
@@ -398,8 +395,7 @@ def train(a):
             # log, evaluate every exit, save
             dt = time.perf_counter() - t0
             log = [dict(step=step, loss={e: round(x, 4) for e, x in losses.items()}, lr=lr, sec_per_step=round(dt, 4),
-                        tokens_per_sec=round(sums[-1].item() / dt, 1),
-                        peak_mem_gb=round(peak_memory_gib(run.device), 3))]
+                        tokens_per_sec=round(sums[-1].item() / dt, 1), **peak_memory(run.device))]
             bar.set_postfix_str(" ".join(f"L{e} {x:.3f}" for e, x in losses.items()))
             bar.update()
             if val_ex and (step == total or (a.eval_interval and step % a.eval_interval == 0)):
@@ -424,9 +420,11 @@ def main(argv=None):
             plan_memory(a, simulate=a.estimate)
         else:
             train(a)
-    except (DataError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError) as e:  # one line; under torchrun from the process that met it
+        rank = os.environ.get("RANK")
+        if not rank or not getattr(e, "decided", False) or rank == "0":  # rank 0's decisions: once, by rank 0
+            print(f"{'rank ' + rank + ': ' if rank and not getattr(e, 'decided', False) else ''}error: {e}",
+                  file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -439,11 +437,10 @@ def plan_memory(a, simulate: bool, search: bool = True) -> dict:
         raise DataError("--measure_memory measures the FSDP step of a torchrun run: launch it with "
                         "torchrun --nproc_per_node N sorted_train.py --measure_memory ...")
     from scale import memory
-    cuda = torch.cuda.is_available() and a.device != "cpu"
-    dtype = (torch.bfloat16 if cuda or simulate else torch.float32) if a.dtype == "auto" else getattr(torch, a.dtype)
-    return memory.plan(lambda run: build(a, run, a.vocab_size if a.model == "tiny" else None, real=not simulate),
-                       simulate, a.nproc, cuda, dtype, a.activation_checkpointing, a.grad_clip, a.batch_size,
-                       a.max_seq_len, a.grad_accum, a.gpu_memory, search)
+    dtype = "bfloat16" if simulate and a.dtype == "auto" else a.dtype  # a simulation plans for GPUs
+    run = start(a.device, dtype, a.activation_checkpointing, False, a.hsdp, a.timeout, a.nproc if simulate else None)
+    return memory.plan(lambda: build(a, run, a.vocab_size if a.model == "tiny" else None, real=not simulate), run,
+                       simulate, a.grad_clip, a.batch_size, a.max_seq_len, a.grad_accum, a.gpu_memory, search)
 
 
 if __name__ == "__main__":

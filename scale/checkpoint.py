@@ -6,6 +6,7 @@ saved with N processes resumes with M: DCP reshards on load. DCP unpickles its m
 entries; here it may do so only where that builds DCP's own records and plain values (SafeReader, SafePlanner).
 """
 import contextlib
+import json
 import os
 import pickle
 import warnings
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from load_llama import CheckpointError, save_weights
+from load_llama import CheckpointError
 
 
 @contextlib.contextmanager
@@ -29,24 +30,46 @@ def quiet_dcp():
         yield
 
 
-def save_train_state(folder: str, root, opt):
-    """folder/train_state/: this process's shard of the weights and AdamW's state; the files are fsynced."""
+def save_train_state(folder: str, root, opt, group=None):
+    """folder/train_state/: this process's shard of the weights and AdamW's state, the files fsynced; DCP's own
+    collectives go through `group` (the side group that may wait for file I/O)."""
     model_state, optim_state = get_state_dict(root, opt)
     with quiet_dcp():
-        dcp.save({"model": model_state, "optim": optim_state},
+        dcp.save({"model": model_state, "optim": optim_state}, process_group=group,
                  storage_writer=FileSystemWriter(os.path.join(folder, "train_state"), sync_files=True))
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 @torch.no_grad()
 def save_full_weights(folder: str, model, master: bool, dtype):
-    """folder/model.safetensors, on rank 0: every parameter whole, gathered one at a time, in `dtype`."""
-    full = {}
-    for name, p in model.named_parameters():
-        t = p.full_tensor() if isinstance(p, DTensor) else p
+    """folder/model.safetensors, the weights for inference in `dtype`, written by rank 0 one tensor at a time.
+
+    Each process casts its own shard of a parameter to dtype before they gather it whole (in bfloat16 half the
+    bytes of float32), and rank 0 writes the tensor and lets it go: no process holds more than one whole
+    parameter, and rank 0 no copy of the model. The safetensors header is known before any data (every name, shape
+    and offset), so the file is written front to back; it gets the permissions the user's umask gives any file.
+    """
+    params, header, offset = list(model.named_parameters()), {"__metadata__": {"format": "pt"}}, 0
+    for name, p in params:
+        size = p.numel() * dtype.itemsize
+        header[name] = dict(dtype=SAFETENSORS_DTYPES[dtype], shape=list(p.shape), data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-aligned
+    f = open(os.path.join(folder, "model.safetensors"), "wb") if master else None
+    try:
         if master:
-            full[name] = t.detach().to("cpu", dtype)
-    if master:
-        save_weights(full, folder)
+            f.write(len(head).to_bytes(8, "little") + head)
+        for name, p in params:
+            whole = p.detach().to(dtype)  # cast this process's shard first, then gather
+            whole = whole.full_tensor() if isinstance(whole, DTensor) else whole
+            if master:
+                f.write(whole.cpu().contiguous().view(torch.uint8).numpy().data)
+    finally:
+        if f:
+            f.close()
 
 
 # the only things a DCP metadata file may name: its own record types, tensor dtypes and sizes, a path
@@ -100,20 +123,25 @@ class SafePlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def restore_train_state(ckpt: str, root, opt):
-    """Weights and AdamW state from ckpt/train_state, resharded to this run's processes, whatever their number."""
+def check_train_state(ckpt: str):
+    """A training state in DCP's format that unpickles into nothing but DCP's records, or one clear line."""
     folder = os.path.join(ckpt, "train_state")
     if not os.path.exists(os.path.join(folder, ".metadata")):
         raise CheckpointError(f"{ckpt} has no training state in DCP's format (train_state/): a checkpoint of one "
                               "process resumes in one process (python sorted_train.py --resume), or start anew from "
                               f"its weights with --init {ckpt}")
     check_metadata(os.path.join(folder, ".metadata"))  # here, for one clear line: inside DCP it would be wrapped
+
+
+def restore_train_state(ckpt: str, root, opt, group=None):
+    """Weights and AdamW state from ckpt/train_state, resharded to this run's processes, whatever their number."""
+    folder = os.path.join(ckpt, "train_state")
     # get_state_dict gives AdamW its state tensors (a step at lr 0) for DCP to load into, each this rank's shard
     model_state, optim_state = get_state_dict(root, opt)
     state = {"model": model_state, "optim": optim_state}
     planner = SafePlanner()
     with quiet_dcp():
-        dcp.load(state, storage_reader=SafeReader(folder), planner=planner)
+        dcp.load(state, storage_reader=SafeReader(folder), planner=planner, process_group=group)
     if planner.refused:
         raise CheckpointError(f"{folder}: refused, unpickling {planner.refused} would need more than plain values")
     set_state_dict(root, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

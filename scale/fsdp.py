@@ -16,6 +16,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from data import DataError
+from load_llama import CheckpointError
 from scale import checkpoint as ckpt
 from scale.fused_ce import SortedObjective
 
@@ -45,21 +47,25 @@ def local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def shard_of(full: torch.Tensor, p) -> torch.Tensor:
-    """The part of a whole tensor that this process keeps of parameter p (FSDP2 cuts dim 0 as torch.chunk does)."""
+def rows_of(p) -> tuple[int, int]:
+    """The rows of parameter p's first dimension that this process keeps: FSDP2 cuts dim 0 as torch.chunk does,
+    along the mesh dimension that shards (HSDP's other one replicates)."""
+    n = p.shape[0]
     if not isinstance(p, DTensor):
-        return full
-    (placement,) = p.placements
-    mesh = p.device_mesh
-    chunks = full.chunk(mesh.size(), dim=placement.dim)
-    rank = mesh.get_local_rank()
-    return chunks[rank] if rank < len(chunks) else full.narrow(placement.dim, 0, 0)
+        return 0, n
+    (mesh_dim,) = [i for i, placement in enumerate(p.placements) if placement.is_shard()]
+    assert p.placements[mesh_dim].dim == 0, p.placements
+    size = -(-n // p.device_mesh.size(mesh_dim))
+    start = min(p.device_mesh.get_local_rank(mesh_dim) * size, n)
+    return start, min(start + size, n)
 
 
 @torch.no_grad()
-def put(p, full: torch.Tensor):
-    """Write a whole tensor into parameter p: this process cuts its shard on the CPU and moves only that."""
-    part = shard_of(full, p)
+def put(p, t):
+    """Write a tensor, or a checkpoint's Rows, into parameter p: this process reads only the rows of its shard,
+    on the CPU, and moves only those to its device."""
+    start, end = rows_of(p)
+    part = t[start:end] if isinstance(t, torch.Tensor) else t.rows(start, end)
     assert part.shape == local(p).shape, (part.shape, local(p).shape)
     local(p).copy_(part)
 
@@ -77,33 +83,41 @@ def reshard(root):
 
 
 class Sharded:
-    """This process's place in a torchrun run of `world` processes: its rank, its device, the FSDP mesh.
+    """This process's place in a torchrun run: its rank among `world` processes, its device, the FSDP mesh.
 
-    fake_world: rank 0 of a simulated run (the memory plan): a fake process group whose collectives do nothing.
+    shard_size: hybrid sharding (HSDP), the model sharded over groups of that many processes (a node's GPUs, whose
+    links are fast) and replicated across the groups (nodes). timeout: minutes a collective may wait before the run
+    ends, short so that a hang shows soon; waits for file I/O (checkpoints, the tokenizer) go through a side group
+    of gloo with an hour of its own. fake_world: rank 0 of a simulated run of that many processes (the memory plan):
+    a fake process group whose collectives do nothing.
     """
 
     def __init__(self, cuda: bool, dtype: torch.dtype, activation_checkpointing=False, compile=False,
-                 fake_world: int | None = None):
+                 fake_world: int | None = None, shard_size: int | None = None, timeout: float = 10):
         self.dtype, self.flags = dtype, dict(activation_checkpointing=activation_checkpointing, compile=compile)
         self.autocast = contextlib.nullcontext()  # FSDP casts the parameters itself (MixedPrecisionPolicy)
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         if fake_world:
             from torch.distributed._tools import fake_collectives  # noqa: F401 (fake tensors through collectives)
             from torch.testing._internal.distributed.fake_pg import FakeStore
             dist.init_process_group("fake", rank=0, world_size=fake_world, store=FakeStore())
-            self.device = torch.device("cpu")
         else:
-            if cuda:  # TF32 for float32 matmuls: the float32 parts of training lose nothing that matters
-                torch.backends.cuda.matmul.allow_tf32 = True
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
             if cuda:
-                torch.cuda.set_device(self.device)  # before NCCL starts, so that each rank talks from its own GPU
-            # the other ranks wait while rank 0 writes the weights for inference (26 GB in bfloat16 at 13B): allow
-            # more than NCCL's default 10 minutes for a slow shared filesystem
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+                torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32: nothing that matters is lost
+                torch.cuda.set_device(self.device)
+            # device_id: NCCL binds to this GPU at once, rather than guessing it from the rank
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout),
+                                    device_id=self.device if cuda else None)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.master = self.rank == 0
+        self.io = None if fake_world else dist.new_group(backend="gloo", timeout=timedelta(hours=1))
         # the mesh is built before any FakeTensorMode: building it reads real tensors
-        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        shard_size = shard_size or self.world
+        if self.world % shard_size:
+            raise ValueError(f"--hsdp {shard_size}: it must divide the {self.world} processes")
+        self.mesh = init_device_mesh(self.device.type, (self.world,)) if shard_size == self.world else \
+            init_device_mesh(self.device.type, (self.world // shard_size, shard_size), mesh_dim_names=("replicate",
+                                                                                                      "shard"))
         self.root = None
 
     def say(self, text: str):
@@ -111,7 +125,7 @@ class Sharded:
             print(text)
 
     def barrier(self):
-        dist.barrier()
+        dist.barrier(group=self.io)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """A small CPU tensor summed over the processes (NCCL reduces only tensors on the GPU)."""
@@ -119,22 +133,54 @@ class Sharded:
         dist.all_reduce(t)
         return t.cpu()
 
-    def decide(self, value):
-        """Rank 0's value, on every process."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def decide(self, fn):
+        """fn() run by rank 0 alone, and its value, or the error it raised, on every process: what decides the run
+        (the checkpoint to resume, the tokenizer, a folder's name) is decided once, whatever each node's view of
+        a shared filesystem."""
+        box = [None]
+        if self.master:
+            try:
+                box = [(fn(), None)]
+            except (DataError, CheckpointError) as e:
+                box = [(None, e)]
+        dist.broadcast_object_list(box, src=0, group=self.io)
+        value, error = box[0]
+        if error is not None:
+            error.decided = True  # rank 0 prints it, once
+            raise error
+        return value
 
+    def share(self, folder: str):
+        """Prove that every process sees the files rank 0 writes into folder, or stop the run saying which do not."""
+        marker = os.path.join(folder, f".shared-{self.decide(lambda: os.urandom(6).hex())}")
+        if self.master:
+            open(marker, "w").close()
+        self.barrier()
+        blind = torch.tensor([0 if os.path.exists(marker) else 1 << min(self.rank, 62)], dtype=torch.int64)
+        dist.all_reduce(blind, group=self.io)
+        self.barrier()
+        if self.master:
+            os.remove(marker)
+        if blind.item():
+            ranks = [r for r in range(min(self.world, 63)) if blind.item() >> r & 1]
+            error = DataError(f"--out {folder}: the processes of rank {ranks} do not see the file rank 0 wrote there: "
+                              "it must be one folder on a filesystem every node shares")
+            error.decided = True
+            raise error
     def build(self, make_model):
-        """The model on the meta device, each block wrapped, sharded (each block, then the root: the objective,
-        which holds the embeddings and the heads), then given float32 memory for this process's shards."""
+        """The model on the meta device, each block wrapped, sharded in groups, then given float32 memory for this
+        process's shards. A group is gathered whole for its forward and again for its backward, and freed between
+        and after: each block; the embeddings (the first forward, the last backward); each exit's own norm and head,
+        if it has one (seven at 13B would otherwise stay whole on every GPU through the step, 2.3 GB). The root, the
+        objective, holds the rest, the shared final norm and output head, which every exit reads from the first
+        one's loss on and the backward needs at once: gathered once a step."""
         with torch.device("meta"):
             model = make_model()
         self.root = SortedObjective(model)
         wrap_blocks(model, **self.flags)
         mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        for block in model.layers:
-            fully_shard(block, mesh=self.mesh, mp_policy=mp)
+        for module in [*model.layers, model.tok_embeddings, *getattr(model, "exit_heads", {}).values()]:
+            fully_shard(module, mesh=self.mesh, mp_policy=mp)
         fully_shard(self.root, mesh=self.mesh, mp_policy=mp)
         self.root.to_empty(device=self.device)
         model.init_rope(self.device)
@@ -149,14 +195,15 @@ class Sharded:
         """Into folder: the training state (every process its own shard, DCP) and the weights for inference in the
         compute dtype (model.safetensors)."""
         reshard(self.root)
-        ckpt.save_train_state(folder, self.root, opt)
+        ckpt.save_train_state(folder, self.root, opt, self.io)
         ckpt.save_full_weights(folder, model, self.master, self.dtype)
 
     def restore(self, folder: str, model, opt):
-        ckpt.restore_train_state(folder, self.root, opt)
+        self.decide(lambda: ckpt.check_train_state(folder))
+        ckpt.restore_train_state(folder, self.root, opt, self.io)
 
     def close(self):
         """End the process group once every process is done with it: one that left while another still had a
         collective under way could abort the other at exit."""
-        dist.barrier()
+        self.barrier()
         dist.destroy_process_group()

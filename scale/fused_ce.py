@@ -58,7 +58,8 @@ def linear_cross_entropy(x, weight, labels, row_weights):
 
 
 class SortedObjective(nn.Module):
-    """soft.sorted_loss, fused; a module, so that FSDP's root wraps every use of the shared norm and head."""
+    """soft.sorted_loss, fused for the shared head; a module, so that FSDP's root wraps every use of the shared norm
+    and head."""
 
     def __init__(self, model):
         super().__init__()
@@ -67,18 +68,21 @@ class SortedObjective(nn.Module):
     def forward(self, tokens, positions, targets, exits: list[int], weights: list[float], scale: float = 1.0):
         """(loss, per-exit sums of token cross-entropies (E,)), as soft.sorted_loss."""
         hidden = [h.flatten(0, 1)[positions] for h in self.model(tokens, exits=exits)]  # E x (N, dim)
-        # exits that share an output layer go through it in one call (one gradient buffer for its weight, however
-        # many exits): with SoFT every exit, through the shared norm and head; with a head per exit, each alone
-        groups = {}  # output layer -> [(index of the exit, its hidden states after its norm (N, dim))]
-        for i, (e, h) in enumerate(zip(exits, hidden)):
-            norm, output = self.model.exit_head(e)
-            groups.setdefault(output, []).append((i, norm(h)))
         N, loss, ce = targets.numel(), 0, [None] * len(exits)
-        for output, members in groups.items():
-            x = torch.cat([h for _, h in members])  # (k*N, dim)
-            w = torch.tensor([weights[i] for i, _ in members], device=targets.device).repeat_interleave(N) * scale
-            part, row_ce = linear_cross_entropy(x, output.weight, targets.repeat(len(members)), w)
+        # the exits that read the shared output head go through it in one call, in chunks (one gradient buffer for
+        # its weight, however many exits): with SoFT, every exit
+        shared = [i for i, e in enumerate(exits) if self.model.exit_head(e)[1] is self.model.output]
+        if shared:
+            x = torch.cat([self.model.exit_head(exits[i])[0](hidden[i]) for i in shared])  # (k*N, dim), normed
+            w = torch.tensor([weights[i] for i in shared], device=targets.device).repeat_interleave(N) * scale
+            part, row_ce = linear_cross_entropy(x, self.model.output.weight, targets.repeat(len(shared)), w)
             loss = loss + part
-            for (i, _), c in zip(members, row_ce.view(len(members), N).sum(1)):
+            for i, c in zip(shared, row_ce.view(len(shared), N).sum(1)):
                 ce[i] = c
+        # an exit with a head of its own (SFT+ICT, --separate_heads) calls that head as a module, so that FSDP, which
+        # shards each such head as a group of its own, gathers it for the call and frees it after
+        for i, e in enumerate(exits):
+            if ce[i] is None:
+                ce[i] = F.cross_entropy(self.model.exit_heads[str(e)](hidden[i]).float(), targets, reduction="sum")
+                loss = loss + scale * weights[i] * ce[i]
         return loss, torch.stack(ce).detach()

@@ -61,12 +61,13 @@ class AllocatorPeak:
     """
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
+        self.device, self.peak, self.reserved = device, 0, None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
+            self.base, self.base_reserved = torch.cuda.memory_allocated(self.device), \
+                torch.cuda.memory_reserved(self.device)
         else:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                    profile_memory=True)
@@ -74,8 +75,9 @@ class AllocatorPeak:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # and what the allocator held: handed out, cached, lost to fragmentation
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.reserved = torch.cuda.max_memory_reserved(self.device) - self.base_reserved
             return
         self.profiler.__exit__(*exc)
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,21 +111,20 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.1f} MiB"
 
 
-def plan(build, simulate: bool, nproc: int, cuda: bool, dtype, activation_checkpointing: bool, grad_clip: float,
-         batch_size: int, seq_len: int, grad_accum: int, gpu_memory: float, search: bool = True) -> dict:
+def plan(build, run: Sharded, simulate: bool, grad_clip: float, batch_size: int, seq_len: int, grad_accum: int,
+         gpu_memory: float, search: bool = True) -> dict:
     """Each process's peak memory in one training step of sorted_train.py, by kind; printed, and returned in bytes.
 
-    build(run) makes the model, its loss, AdamW and the exits as the trainer does. simulate: rank 0 of a fake process
-    group of nproc ranks, everything on fake tensors. Otherwise this run's own processes (under torchrun) take the
-    step for real, and the allocator's peak is printed beside the tracker's. The batch is the worst case: every row
-    seq_len tokens, every token a target. With `search`, a simulation also finds the largest batch size that fits
-    gpu_memory (GiB).
+    build() makes the model, its loss, AdamW and the exits as the trainer does, in run. simulate: run is rank 0 of a
+    fake process group, and everything happens on fake tensors. Otherwise this run's own processes (under torchrun)
+    take the step for real, and the allocator's peak is printed beside the tracker's. The batch is the worst case:
+    every row seq_len tokens, every token a target. With `search`, a simulation also finds the largest batch size
+    that fits gpu_memory (GB, 10^9 bytes, as GPU vendors count: an "80 GB" card holds about 79.2 GiB).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    run = Sharded(cuda, dtype, activation_checkpointing, False, fake_world=nproc if simulate else None)
     tensors = FakeTensorMode() if simulate else contextlib.nullcontext()
     with tensors, (contextlib.nullcontext() if simulate else AllocatorPeak(run.device)) as measured:
-        model, objective, opt, (_, exits, weights, _) = build(run)  # measured: the weights a run starts with
+        model, objective, opt, (_, exits, weights, _) = build()  # measured: with the weights a run starts with
         trainable = [p for p in model.parameters() if p.requires_grad]
 
         def step(B: int, T: int, tracker=None):
@@ -151,14 +152,17 @@ def plan(build, simulate: bool, nproc: int, cuda: bool, dtype, activation_checkp
     run.say("memory of one training step, " + (f"simulated for each of {run.world} processes under torchrun"
             if simulate else f"measured on {run.world} process{'es' * (run.world > 1)} ({run.device})") +
             f": {sum(p.numel() for p in objective.parameters()) / 1e6:,.1f}M parameters, float32 weights and AdamW, "
-            f"{args.n_layers} layers, dim {args.dim}, {str(dtype).removeprefix('torch.')} compute, exits {exits}, "
+            f"{args.n_layers} layers, dim {args.dim}, {str(run.dtype).removeprefix('torch.')} compute, exits {exits}, "
             f"batch {batch_size} x {seq_len} tokens (all targets) x {grad_accum} micro-batches"
-            + (", activation checkpointing" if activation_checkpointing else ""))
+            + (", activation checkpointing" if run.flags["activation_checkpointing"] else ""))
     for kind, n in result.items():
         run.say(f"  {kind:<24}{gib(n):>10}")
     if not simulate:
         total = run.sum(torch.tensor([measured.peak], dtype=torch.float64)).item() / run.world
         run.say(f"  {'measured (allocator)':<24}{gib(total):>10}   (mean over the processes)")
+        if measured.reserved is not None:
+            reserved = run.sum(torch.tensor([measured.reserved], dtype=torch.float64)).item() / run.world
+            run.say(f"  {'measured (reserved)':<24}{gib(reserved):>10}   (mean over the processes)")
         run.close()
         if run.device.type == "cpu":
             # On the CPU the measurement ran torch's profiler, and a CUDA build of torch on a machine without a GPU
@@ -169,10 +173,10 @@ def plan(build, simulate: bool, nproc: int, cuda: bool, dtype, activation_checkp
             sys.stderr.flush()
             os._exit(0)
         return result
-    budget = 0.9 * gpu_memory * 2 ** 30  # the rest for the CUDA context, NCCL's buffers, fragmentation
+    budget = 0.9 * gpu_memory * 1e9  # GB as vendors count; the last 10% for the CUDA context, NCCL, fragmentation
     fits = result["total"] <= budget
-    print(f"{'fits' if fits else 'does not fit'} in {gpu_memory:g} GiB per GPU (with 10% of it left for the CUDA "
-          "context, NCCL and fragmentation)")
+    print(f"{'fits' if fits else 'does not fit'} in {gpu_memory:g} GB ({gpu_memory * 1e9 / 2**30:.1f} GiB) per GPU, "
+          "with 10% of it left for the CUDA context, NCCL and fragmentation")
     if search:
         with tensors:
             best, capped = largest_batch(lambda b: peak(b)["total"] <= budget, batch_size, fits)

@@ -99,3 +99,18 @@ def rank0_of_one(monkeypatch):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def assert_usual_permissions(folder):
+    """Every file and folder under folder has the permissions the user's umask gives any new one (checkpoints on a
+    shared cluster are read by teammates)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    odd = []
+    for root, dirs, files in os.walk(folder):
+        for name in files + dirs:
+            path = os.path.join(root, name)
+            want = (0o777 if os.path.isdir(path) else 0o666) & ~umask
+            if os.stat(path).st_mode & 0o777 != want:
+                odd.append(f"{os.path.relpath(path, folder)} {oct(os.stat(path).st_mode & 0o777)}")
+    assert not odd, f"permissions other than the umask's {oct(0o666 & ~umask)}: {odd}"

@@ -72,13 +72,13 @@ def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
 @pytest.mark.parametrize("layout", ["hf", "meta"])
 def test_analyze_reads_hugging_face_and_meta_folders(tmp_path, tokenizer_path, layout):
     from data import builtin_records
-    from load_llama import export_hf, save_model
+    from load_llama import export, save_model
     from test_load import write_meta
     model = random_model(tiny_args(max_seq_len=160))
     if layout == "hf":
         ours = str(tmp_path / "ours")
         save_model(model.state_dict(), model.args, ours, tokenizer_path)
-        export_hf(ours, str(tmp_path / "model"))
+        export(ours, str(tmp_path / "model"))
     else:
         write_meta(model, str(tmp_path / "model"), 2)
     ckpt = str(tmp_path / "model")

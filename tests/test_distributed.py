@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_close, assert_one_line_error, run_main
+from conftest import ROOT, assert_close, assert_one_line_error, assert_usual_permissions, run_main
 
 # the tiny trainer of test_train.FAST, at a constant learning rate: a run of 3 steps resumed to 6 then follows
 # the same schedule as a run of 6
@@ -85,6 +85,36 @@ def test_two_process_fsdp_matches_one_process(runs):
     for k in w1:
         assert_weights_close(w2[k], w1[k], 1e-4, k)
     assert log1[-2]["loss"]["4"] < log1[0]["loss"]["4"]  # and it really trained
+    assert_usual_permissions(os.path.join(runs["two"], "latest"))
+
+
+def test_heads_of_their_own_sharded_in_groups_of_their_own_match_one_process(tmp_path):
+    """--separate_heads under FSDP: every exit's own output head is a group of its own, gathered for its loss and
+    freed before the next one, its gradient reduce-scattered when backward ends; 2 processes against 1."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(0, one, "--separate_heads", "--batch_size", "4", "--grad_accum", "2", "--max_steps", "4")
+    train(2, two, "--separate_heads", "--batch_size", "4", "--max_steps", "4")
+    for a, b in zip(losses(one), losses(two)):
+        for e in a:
+            assert abs(a[e] - b[e]) < 1e-4, (a, b)
+    w1, w2 = weights(one), weights(two)
+    assert "exit_heads.2.output.weight" in w1
+    for k in w1:
+        assert_weights_close(w2[k], w1[k], 1e-4, k)
+
+
+def test_hybrid_sharding_on_a_2_x_2_mesh_matches_one_process(runs, tmp_path):
+    """--hsdp 2 on 4 processes: the model sharded over groups of 2 (as within a node) and replicated across the 2
+    groups (as across nodes), against one process with the same global batch of 8."""
+    out = str(tmp_path / "hsdp")
+    stdout = train(4, out, "--hsdp", "2", "--batch_size", "2", "--max_steps", "6")
+    assert "6 steps of 8 on 4 x cpu" in stdout
+    for a, b in zip(losses(runs["one"]), losses(out)):
+        for e in a:
+            assert abs(a[e] - b[e]) < 1e-4, (a, b)
+    w1, w4 = weights(runs["one"]), weights(out)
+    for k in w1:
+        assert_weights_close(w4[k], w1[k], 1e-4, k)
 
 
 def test_a_checkpoint_written_right_after_evaluation_resumes_exactly(runs):
@@ -307,3 +337,46 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_peak(model, nproc)
     estimate = plan(*flags, nproc=nproc)["total"]
     measured = measured_peak(nproc, flags)
     assert abs(estimate - measured) <= 0.15 * measured, (estimate / 2 ** 20, measured / 2 ** 20)
+
+
+# --- what one process meets, and what rank 0 decides for all
+
+RANK_1_HARNESS = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "1":  # what only rank 1 meets, simulated
+{patch}
+sys.argv = ["sorted_train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join({root!r}, "sorted_train.py"), run_name="__main__")
+"""
+
+
+def run_with_rank_1(tmp_path, patch: str):
+    script = tmp_path / "harness.py"
+    script.write_text(RANK_1_HARNESS.format(root=ROOT, patch=patch))
+    return torchrun(2, str(script), *FAST, "--batch_size", "4", "--max_steps", "2", "--out", str(tmp_path / "o"))
+
+
+def test_an_error_that_only_rank_1_meets_is_printed_with_its_cause(tmp_path):
+    """Rank 1 alone cannot read the tokenizer: it says so itself, prefixed with its rank, and the run stops non-zero
+    (before, rank 0's 'Connection closed by peer' was all that showed)."""
+    rc, _, err = run_with_rank_1(tmp_path, """
+    import load_llama
+    def unreadable(path):
+        raise load_llama.CheckpointError(f"{path}: not readable from this node")
+    load_llama.load_tokenizer = unreadable""")
+    assert rc != 0
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert any(line.startswith("rank 1: error: ") and "not readable from this node" in line for line in lines), err
+
+
+def test_an_out_folder_that_one_process_does_not_see_stops_the_run(tmp_path):
+    """Rank 0 writes a file into --out and every process looks for it: a node that does not share the folder is
+    named, by rank 0, once."""
+    rc, _, err = run_with_rank_1(tmp_path, """
+    import os.path
+    exists = os.path.exists
+    os.path.exists = lambda p: False if ".shared-" in str(p) else exists(p)""")
+    assert rc != 0
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "the processes of rank [1] do not see the file" in lines[0], err

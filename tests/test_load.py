@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from conftest import assert_close, random_model, tiny_args
-from load_llama import META_SPLIT_DIM, CheckpointError, export_hf, load_model, load_tokenizer, save_model
+from load_llama import META_SPLIT_DIM, CheckpointError, export, load_model, load_tokenizer, save_model
 from test_model import to_hf
 
 TOKENS = torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -71,7 +71,7 @@ def test_hf_tied_embeddings(tmp_path):
     with torch.no_grad():
         assert_close(loaded(TOKENS), model(TOKENS), 1e-5, "tied-embedding logits")
     # and such a checkpoint exports: the shared tensor is written as two
-    export_hf(str(tmp_path / "hf"), str(tmp_path / "out"), layers=3)
+    export(str(tmp_path / "hf"), str(tmp_path / "out"), layers=3)
     exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     with torch.no_grad():
         assert_close(exported(TOKENS).logits, model(TOKENS, n_layers=3), 1e-4, "tied export logits")
@@ -89,7 +89,7 @@ def test_our_layout_round_trips(tmp_path):
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, depth, tokenizer_path):
     model = random_model(tiny_args(n_kv_heads=2))
     save_model(model.state_dict(), model.args, str(tmp_path / "ours"), tokenizer_path)
-    export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"), layers=depth)
+    export(str(tmp_path / "ours"), str(tmp_path / "hf"), layers=depth)
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     assert hf.config.num_hidden_layers == depth
     assert os.path.exists(tmp_path / "hf" / "tokenizer.model")

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_close, assert_one_line_error, random_model, run_main, tiny_args
+from conftest import (ROOT, assert_close, assert_one_line_error, assert_usual_permissions, random_model, run_main,
+                      tiny_args)
 from data import batch_tensors, collate
 from scale.fused_ce import LinearCrossEntropy, SortedObjective, linear_cross_entropy
 from soft import sorted_loss
@@ -145,6 +146,7 @@ def test_default_demo_lowers_the_loss_at_every_exit(tmp_path):
     assert set(first) == set(final_val) and len(first) > 1
     for e in first:
         assert final_val[e] < 0.6 * first[e], f"exit {e}: {first[e]:.3f} -> {final_val[e]:.3f}"
+    assert_usual_permissions(os.path.join(out, "latest"))
     # the checkpoint loads and generates at a shallow exit
     rc, stdout, err = run_main("generate.py", "--ckpt", out, "--layers", min(first, key=int), "--max_new_tokens", "5")
     assert rc == 0, err
