@@ -91,6 +91,17 @@ def parse_depths(text: str, n_layers: int, flag: str, increasing: bool = False) 
     return depths
 
 
+def parse_weights(text: str, n: int) -> list[float]:
+    """--exit_weights: n comma-separated numbers."""
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise CheckpointError(f"--exit_weights {text!r}: expected comma-separated numbers")
+    if len(weights) != n:
+        raise CheckpointError(f"--exit_weights has {len(weights)} values for {n} exits")
+    return weights
+
+
 def trained_exits(ckpt: str, n_layers: int) -> list[int]:
     """The exits recorded in our params.json, else the default evenly spaced set."""
     params = os.path.join(resolve(ckpt), "params.json")
@@ -104,7 +115,7 @@ def resolve(path: str) -> str:
     """Follow a training folder's `latest` link to the checkpoint it names."""
     latest = os.path.join(path, "latest")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.json")) and os.path.exists(latest):
-        return os.path.realpath(latest)
+        return os.path.join(path, os.readlink(latest))  # through the path as given: each node its own mount of it
     return path
 
 
@@ -442,7 +453,7 @@ def resume_point(latest: str, resume: bool) -> str | None:
     os.makedirs(os.path.dirname(latest), exist_ok=True)
     if resume and os.path.lexists(latest) and not os.path.exists(latest):
         raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
-    return os.path.realpath(latest) if resume and os.path.exists(latest) else None
+    return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
 
 
 def sync(path: str):
@@ -531,6 +542,9 @@ def export(src: str, dst: str, layers: int | None = None, dtype=None):
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return config
+
+
+export_hf = export  # the name it had before
 
 
 def main(argv=None):

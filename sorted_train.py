@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from data import DataError, batch_tensors, dataset, n_targets, step_batches, tokenize, train_tokenizer
 from load_llama import (CheckpointError, copy_tokenizer, load_initial_weights, load_tokenizer, new_checkpoint,
-                        new_model, parse_depths, publish, read_args, read_json, resume_point, save_params, save_weights)
+                        new_model, parse_depths, parse_weights, publish, read_args, read_json, resume_point,
+                        save_params, save_weights)
 from model import PRESETS, ModelArgs, default_exits
 from soft import sorted_loss
 
@@ -100,7 +101,8 @@ def check_flags(a):
     if a.dtype == "float16":
         raise DataError("--dtype float16 needs loss scaling, which this trainer does not do: use --dtype float32 on a "
                         "GPU without bfloat16 (the paper's V100s), bfloat16 on one with it")
-    if a.dtype == "bfloat16" and a.device != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if a.dtype == "bfloat16" and a.device != "cpu" and torch.cuda.is_available() and \
+            not torch.cuda.is_bf16_supported(including_emulation=False):
         raise DataError("--dtype bfloat16: this GPU has no bfloat16; use --dtype float32")
 
 
@@ -130,16 +132,6 @@ def objective(a, n_layers: int):
     if a.mode == "sft":
         return exits, [n_layers], [1.0], heads
     return exits, exits, weights, heads
-
-
-def parse_weights(text: str, n: int) -> list[float]:
-    try:
-        weights = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise DataError(f"--exit_weights {text!r}: expected comma-separated numbers")
-    if len(weights) != n:
-        raise DataError(f"--exit_weights has {len(weights)} values for {n} exits")
-    return weights
 
 
 def check_fits(args: ModelArgs, heads: list[int], frozen_trunk: bool, world: int, device: torch.device):
@@ -205,7 +197,7 @@ class OneProcess:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t  # summed over the processes: this one's
 
-    barrier = close = share = lambda self, *_: None  # one process waits for no other, sees its own files
+    barrier = close = share = micro_batch = lambda self, *_, **__: None  # one process: nothing to share or wait for
 
     def decide(self, fn):
         return fn()  # under torchrun: rank 0's answer, or its error, on every process
@@ -229,9 +221,9 @@ def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool
     """This process's place in the run: alone, or one of torchrun's (scale/; fake_world: rank 0 of a simulated
     run). --dtype auto is bfloat16 on a GPU that has it, float32 elsewhere (the paper's V100s have none)."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:  # memory segments that grow rather than fragment, unless the user chose the allocator's settings
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if cuda:  # each process on its own GPU before anything touches one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bfloat16 is slow, not bfloat16
     dtype = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if bf16 else torch.float32
     if "RANK" in os.environ or fake_world:
         from scale.fsdp import Sharded
@@ -307,12 +299,12 @@ def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, *
     run.barrier()
 
 
-def resume(folder: str, run, model, opt, heads: list[int], exit_norm: bool, global_batch: int, log: str) -> int:
+def resume(folder: str, run, model, opt, flags: dict, global_batch: int, log: str) -> int:
     """The step a run resumes at, with its weights and AdamW state restored and its log cut back to that step."""
     def check(saved):  # rank 0 checks: every process gets its verdict
-        if saved.get("exit_norm", True) != exit_norm or saved.get("exit_heads", []) != heads:
-            raise DataError(f"{folder} was trained with other exit heads or exit norm (--separate_heads, "
-                            "--no_exit_norm, --mode): resume with the flags it was started with")
+        if {k: saved.get("train_config", {}).get(k, v) for k, v in flags.items()} != flags:
+            raise DataError(f"{folder} was trained with another objective (--mode, --exits, --exit_weights, "
+                            "--separate_heads, --no_exit_norm): resume with the flags it was started with")
         if saved.get("global_batch", global_batch) != global_batch:
             raise DataError(f"{folder} was trained with a global batch of {saved['global_batch']} (batch_size x "
                             f"grad_accum x processes), this run has {global_batch}: resume with the same global "
@@ -321,8 +313,12 @@ def resume(folder: str, run, model, opt, heads: list[int], exit_norm: bool, glob
     step = run.decide(lambda: check(read_json(os.path.join(folder, "params.json"))))
     run.restore(folder, model, opt)
     if run.master and os.path.exists(log):
+        kept = []
         with open(log) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            for line in f:
+                if not line.endswith("\n") or json.loads(line)["step"] > step:  # cut short by a crash, or after
+                    break
+                kept.append(line)
         with open(log, "w") as f:
             f.writelines(kept)
     return step
@@ -353,7 +349,8 @@ def train(a):
     # the schedule, and where a resumed run stands in it
     global_batch = a.batch_size * a.grad_accum * run.world
     total, warmup = schedule(len(train_ex), global_batch, a.max_steps, a.epochs, a.warmup)
-    step = resume(resume_from, run, model, opt, heads, not a.no_exit_norm, global_batch, log_path) if resume_from else 0
+    flags = {k: getattr(a, k) for k in ("mode", "exits", "exit_weights", "separate_heads", "no_exit_norm")}
+    step = resume(resume_from, run, model, opt, flags, global_batch, log_path) if resume_from else 0
     record = dict(exits=exits, mode=a.mode, world_size=run.world, global_batch=global_batch, train_config=vars(a),
                   exit_norm=not a.no_exit_norm, **(dict(exit_heads=heads) if heads else {}))  # for params.json
     if run.master:
@@ -374,7 +371,8 @@ def train(a):
             # the global batch's target tokens, and FSDP averages the gradients over the processes, hence the scale
             micro, n_global = step_batches(train_ex, step, a.batch_size, a.grad_accum, a.seed, run.rank, run.world)
             ce_sums = 0  # per exit, the sum of its token losses
-            for batch in micro:
+            for i, batch in enumerate(micro):
+                run.micro_batch(last=i == len(micro) - 1)
                 with run.autocast:
                     loss, ce = loss_fn(*batch_tensors(batch, run.device), loss_exits, loss_weights,
                                        run.world / n_global)
@@ -414,13 +412,15 @@ def train(a):
 
 
 def main(argv=None):
+    # on CUDA, memory segments that grow rather than fragment, unless the user chose: before anything allocates
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     a = get_args(argv)
     try:
         if a.estimate or a.measure_memory:
             plan_memory(a, simulate=a.estimate)
         else:
             train(a)
-    except (DataError, CheckpointError) as e:  # one line; under torchrun from the process that met it
+    except (DataError, CheckpointError, OSError) as e:  # one line; under torchrun from the process that met it
         rank = os.environ.get("RANK")
         if not rank or not getattr(e, "decided", False) or rank == "0":  # rank 0's decisions: once, by rank 0
             print(f"{'rank ' + rank + ': ' if rank and not getattr(e, 'decided', False) else ''}error: {e}",

@@ -17,7 +17,6 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError
-from load_llama import CheckpointError
 from scale import checkpoint as ckpt
 from scale.fused_ce import SortedObjective
 
@@ -141,7 +140,7 @@ class Sharded:
         if self.master:
             try:
                 box = [(fn(), None)]
-            except (DataError, CheckpointError) as e:
+            except Exception as e:  # a user's mistake, a folder that cannot be made: every process stops with it
                 box = [(None, e)]
         dist.broadcast_object_list(box, src=0, group=self.io)
         value, error = box[0]
@@ -156,14 +155,13 @@ class Sharded:
         if self.master:
             open(marker, "w").close()
         self.barrier()
-        blind = torch.tensor([0 if os.path.exists(marker) else 1 << min(self.rank, 62)], dtype=torch.int64)
-        dist.all_reduce(blind, group=self.io)
-        self.barrier()
+        seen = [None] * self.world
+        dist.all_gather_object(seen, os.path.exists(marker), group=self.io)
         if self.master:
             os.remove(marker)
-        if blind.item():
-            ranks = [r for r in range(min(self.world, 63)) if blind.item() >> r & 1]
-            error = DataError(f"--out {folder}: the processes of rank {ranks} do not see the file rank 0 wrote there: "
+        blind = [rank for rank, saw in enumerate(seen) if not saw]
+        if blind:
+            error = DataError(f"--out {folder}: the processes of rank {blind} do not see the file rank 0 wrote there: "
                               "it must be one folder on a filesystem every node shares")
             error.decided = True
             raise error
@@ -187,6 +185,13 @@ class Sharded:
         return model
 
     put = staticmethod(put)
+
+    def micro_batch(self, last: bool):
+        """Before each micro-batch's backward: under HSDP its gradients cross the replicas (the nodes) only with the
+        step's last micro-batch; within a shard group they are reduce-scattered at every one, so that no process
+        holds more than its shard of them."""
+        if self.mesh.ndim == 2:
+            self.root.set_requires_all_reduce(last)
 
     def objective(self, model, fused: bool = True):
         return self.root  # the root of the sharding, and so always the fused loss

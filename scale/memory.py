@@ -129,9 +129,10 @@ def plan(build, run: Sharded, simulate: bool, grad_clip: float, batch_size: int,
 
         def step(B: int, T: int, tracker=None):
             """The trainer's step (sorted_train.py train), on micro-batches of B rows of T tokens, all targets."""
-            for _ in range(min(grad_accum, 2)):  # from the second on, each starts as the one before: two show the peak
+            for i in range(min(grad_accum, 2)):  # from the second on, each starts as the one before: two show the peak
                 if tracker:
                     tracker.again()
+                run.micro_batch(last=i == min(grad_accum, 2) - 1)
                 tokens = torch.zeros(B, T, dtype=torch.long, device=run.device)
                 targets = torch.zeros(B * T, dtype=torch.long, device=run.device)
                 with run.autocast:

@@ -3,7 +3,7 @@
   python scripts/gpu_check.py [--out /tmp/gpu_check]        # on a GPU machine: every GPU it sees
   python scripts/gpu_check.py --cpu --gpus 2                # the same checks on this CPU (gloo), to rehearse them
 
-On the GPUs it finds (N of them), with a 16-layer LLaMA trained on the built-in tasks under torchrun:
+On the GPUs it finds (N of them), with a 16-layer LLaMA of dim 1024 trained on the built-in tasks under torchrun:
   train     bfloat16 FSDP2 over NCCL at world size N, activation checkpointing with compile: every exit's loss falls
   resume    the run killed (SIGKILL) after its first checkpoint and resumed, on N-1 processes when N > 1 (the same
             global batch), ends as the uninterrupted run did: losses and weights to what bfloat16 allows
@@ -72,7 +72,7 @@ def main():
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {where}; {n} process{'es' * (n > 1)}", flush=True)
     dtype = "bfloat16" if a.cpu or torch.cuda.is_bf16_supported() else "float32"
     shape = ["--model", "7B", "--dim", "128", "--n_layers", "8", "--n_heads", "4", "--n_kv_heads", "2"] if a.cpu else \
-        ["--model", "7B", "--dim", "2048", "--n_layers", "16", "--n_heads", "16", "--n_kv_heads", "4"]
+        ["--model", "7B", "--dim", "1024", "--n_layers", "16", "--n_heads", "8", "--n_kv_heads", "2"]
     fast = [] if a.cpu else ["--activation_checkpointing", "--compile"]
     # a global batch that N and N-1 processes both make: 2 a micro-batch, N-1 or N of them
     m = max(n - 1, 1)
@@ -102,9 +102,12 @@ def main():
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker, as a lost node would
     proc.wait()
+    killed_at = os.readlink(os.path.join(cut, "latest")) if os.path.lexists(os.path.join(cut, "latest")) else None
     resume_batch = ["--batch_size", "2", "--grad_accum", str(n)] if n > 1 else batch
-    if checks.ran("resume", torchrun(m if n > 1 else 1, *flags, *resume_batch, "--out", cut, "--resume")) and \
-            os.path.exists(os.path.join(full, "latest")):
+    resumed = torchrun(m if n > 1 else 1, *flags, *resume_batch, "--out", cut, "--resume")
+    if killed_at is None or killed_at == f"step_{a.steps:07d}" or "resuming from" not in resumed.stdout:
+        checks.report("resume", False, f"the run was not cut before its end (killed at {killed_at})")
+    elif checks.ran("resume", resumed) and os.path.exists(os.path.join(full, "latest")):
         from safetensors.torch import load_file
         w_full, w_cut = load_file(os.path.join(full, "latest", "model.safetensors")), \
             load_file(os.path.join(cut, "latest", "model.safetensors"))
@@ -112,7 +115,7 @@ def main():
         l_full, l_cut = [e["loss"] for e in log(full) if "loss" in e], [e["loss"] for e in log(cut) if "loss" in e]
         loss_diff = max(abs(x[e] - y[e]) / y[e] for x, y in zip(l_cut, l_full) for e in y)
         ok = len(l_full) == len(l_cut) and diff < 0.02 and loss_diff < 0.02
-        checks.report("resume", ok, f"killed at {os.readlink(os.path.join(cut, 'latest'))}, resumed on "
+        checks.report("resume", ok, f"killed at {killed_at}, resumed on "
                       f"{m if n > 1 else 1}: weights within {diff:.2%} of the uninterrupted run's (tensor norms), "
                       f"losses within {loss_diff:.2%}")
 

@@ -133,6 +133,17 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert losses_full == losses_cut
 
 
+def test_a_log_line_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path):
+    out = str(tmp_path / "o")
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--out", out)
+    assert rc == 0, err
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": {"4": 1.')  # the process died while writing
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", out, "--resume")
+    assert rc == 0, err
+    assert [line["step"] for line in read_log(out) if "loss" in line] == [1, 2, 3]
+
+
 def test_default_demo_lowers_the_loss_at_every_exit(tmp_path):
     """The built-in demo with its default model and exits, shortened: every exit learns."""
     out = str(tmp_path / "demo")
@@ -179,6 +190,12 @@ def test_bad_data(tmp_path, tokenizer_path, content, needle):
 def test_bad_exits(tmp_path, exits, needle):
     rc, _, err = run_main("sorted_train.py", *FAST, "--exits", exits, "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, needle)
+
+
+def test_float16_is_refused_with_the_flag_to_use(tmp_path):
+    """float16 would need loss scaling, which the trainer does not do: one line, naming what to pass instead."""
+    rc, _, err = run_main("sorted_train.py", *FAST, "--dtype", "float16", "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, "--dtype float16", "--dtype float32")
 
 
 def test_init_vocabulary_must_match_the_tokenizer(tmp_path, tokenizer_path):
