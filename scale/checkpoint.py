@@ -1,5 +1,5 @@
-"""Checkpoints of a sharded run: the training state through torch.distributed.checkpoint (DCP), the inference
-weights gathered into one model.safetensors.
+"""Checkpoints of a sharded run: the training state through torch.distributed.checkpoint (DCP), the weights for
+inference streamed into one model.safetensors.
 
 Every process writes its own shard of the float32 weights and AdamW moments in parallel (train_state/), and a run
 saved with N processes resumes with M: DCP reshards on load. DCP unpickles its metadata and its non-tensor
@@ -22,10 +22,8 @@ from load_llama import CheckpointError
 
 @contextlib.contextmanager
 def quiet_dcp():
-    """Without DCP's notes to itself: that one process saves and loads without a process group (as it should), and
-    torch 2.7's own use of tensor.storage()."""
+    """Without DCP's notes to itself: torch 2.7's own use of tensor.storage()."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
         warnings.filterwarnings("ignore", "TypedStorage is deprecated")
         yield
 

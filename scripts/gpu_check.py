@@ -100,8 +100,11 @@ def main():
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while not os.path.exists(os.path.join(cut, "latest")) and proc.poll() is None:
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker, as a lost node would
+    # as a lost node would: torchrun starts each worker in a session of its own, so the workers first, then torchrun
+    subprocess.run(["pkill", "-9", "-P", str(proc.pid)])
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(1)
     killed_at = os.readlink(os.path.join(cut, "latest")) if os.path.lexists(os.path.join(cut, "latest")) else None
     resume_batch = ["--batch_size", "2", "--grad_accum", str(n)] if n > 1 else batch
     resumed = torchrun(m if n > 1 else 1, *flags, *resume_batch, "--out", cut, "--resume")
