@@ -23,10 +23,13 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from data import DataError, alpaca_prompt, collate, exact_match, held_out, load_records, tokenize
-from generate import device_and_dtype, generate_batch
-from load_llama import (CheckpointError, check_vocab, load_model, load_tokenizer, parse_depths, read_args, read_json,
-                        resolve, trained_exits)
+from checkpoints import CheckpointError, read_json, resolve, trained_exits
+from data import DataError, alpaca_prompt, collate, held_out, load_records, tokenize
+from flags import FlagError, device_and_dtype, parse_depths
+from generate import generate_batch
+from load_llama import load_model, read_args
+from tasks import exact_match
+from tokenizer import check_vocab, load_tokenizer
 
 
 POSITIONS = 20  # the answer tokens the paper's Figures 4-5 plot KL and cosine over
@@ -318,7 +321,7 @@ def main(argv=None):
             runs_ = [(None, ckpt) for ckpt in [a.ckpt] + a.vs]
         device, dtype = device_and_dtype(a.device, a.dtype)
         if a.batch_size < 1 or a.num_examples < 1:
-            raise DataError("--batch_size and --num_examples must be at least 1")
+            raise FlagError("--batch_size and --num_examples must be at least 1")
         results = []
         for label, ckpt in runs_:
             print(f"\nanalysing {ckpt} ...", flush=True)
@@ -335,7 +338,7 @@ def main(argv=None):
             print_table(r)
         if len(results) > 1:
             print_comparison(results)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, FlagError) as e:
         sys.exit(f"error: {e}")
     if a.json:
         with open(a.json, "w") as f:

@@ -29,10 +29,13 @@ import time
 
 import torch
 
-from data import DataError, alpaca_prompt, exact_match, held_out
+from checkpoints import CheckpointError, read_json, resolve, trained_exits
+from data import DataError, alpaca_prompt, held_out
+from flags import FlagError, parse_depths
 from generate import generate, generate_batch
-from load_llama import (CheckpointError, hf_config, hf_state_dict, load_model, load_tokenizer, parse_depths, read_json,
-                        resolve, trained_exits)
+from load_llama import hf_config, hf_state_dict, load_model
+from tasks import exact_match
+from tokenizer import load_tokenizer
 from model import ModelArgs, Transformer, default_exits, init_weights
 from scale.fused_ce import SortedObjective
 from soft import sorted_loss
@@ -172,9 +175,9 @@ def exit_thresholds(text: str, below_last: list[int], n_layers: int) -> list[lis
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
-        raise DataError(f"--exit_thresholds {text!r}: expected comma-separated numbers, 'paper' or 'none'")
+        raise FlagError(f"--exit_thresholds {text!r}: expected comma-separated numbers, 'paper' or 'none'")
     if len(values) != len(below_last):
-        raise DataError(f"--exit_thresholds has {len(values)} values for the {len(below_last)} exits {below_last}")
+        raise FlagError(f"--exit_thresholds has {len(values)} values for the {len(below_last)} exits {below_last}")
     return [values]
 
 
@@ -390,17 +393,17 @@ def main(argv=None):
     try:
         for flag in ("num_prompts", "num_eval", "rounds", "new_tokens", "prompt_len"):
             if getattr(a, flag) < 1:
-                raise DataError(f"--{flag} must be at least 1")
+                raise FlagError(f"--{flag} must be at least 1")
         try:
             thresholds = [float(x) for x in a.thresholds.split(",")]
         except ValueError:
-            raise DataError(f"--thresholds {a.thresholds!r}: expected comma-separated numbers")
+            raise FlagError(f"--thresholds {a.thresholds!r}: expected comma-separated numbers")
         if a.plot:
             import_matplotlib()
         try:
             batches = sorted({int(x) for x in a.batches.split(",")})
         except ValueError:
-            raise DataError(f"--batches {a.batches!r}: expected comma-separated sizes")
+            raise FlagError(f"--batches {a.batches!r}: expected comma-separated sizes")
         if a.only in (None, "decode", "batch"):
             model = load_model(a.ckpt, dtype=torch.float32) if a.ckpt else random_model(ModelArgs(
                 dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
@@ -429,7 +432,7 @@ def main(argv=None):
                                             a.num_prompts)
         if a.only in (None, "train"):
             report["train"] = bench_train(a.train_dim, a.train_seq, a.train_batch, a.rounds)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, FlagError) as e:
         sys.exit(f"error: {e}")
     if a.json:
         with open(a.json, "w") as f:
@@ -442,7 +445,7 @@ def import_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise DataError("--plot needs matplotlib: pip install matplotlib")
+        raise FlagError("--plot needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

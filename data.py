@@ -1,17 +1,17 @@
 """The data: Stanford Alpaca's template and records (github.com/tatsu-lab/stanford_alpaca: an instruction, an
-optional input, the response to learn), the built-in demo tasks, a tokenizer for them, the batches of each step.
-Only the response and its EOS are targets; the prompt carries no loss.
+optional input, the response to learn), the split held out, the tokens of each example and the batches of each step.
+Only the response and its EOS are targets; the prompt carries no loss. The built-in demo tasks are in tasks.py.
 """
-import io
 import json
 import os
 import random
-import string
 
 import torch
 
+from tasks import builtin_records, corpus
 
-class DataError(Exception):  # a problem with the data or a flag's value: the scripts print it as one line and exit
+
+class DataError(Exception):  # a problem with the data: the scripts print it as one line and exit
     pass
 
 
@@ -35,7 +35,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 # --- records
 
 def load_records(path: str) -> list[dict]:
-    """Alpaca JSON (a list of objects) or JSONL (one object per line), checked record by record."""
+    """Alpaca JSON (a list of objects) or JSONL (one object per line), each record checked for its fields."""
     if not os.path.isfile(path):
         raise DataError(f"--data {path}: no such file")
     try:
@@ -43,28 +43,18 @@ def load_records(path: str) -> list[dict]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"--data {path}: cannot read ({e})")
-    records = []
-    if text.lstrip().startswith("["):  # one JSON list: decode element by element to name the broken record
-        decoder, pos = json.JSONDecoder(), text.index("[") + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(text) and text[pos] == "]":
-                break
-            try:
-                record, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise DataError(f"--data {path}: record {len(records) + 1} is not valid JSON "
-                                f"({e.msg}, line {e.lineno})")
-            records.append(record)
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
+    one_list, records, lineno = text.lstrip().startswith("["), [], 0
+    try:
+        if one_list:
+            records = json.loads(text)
+        else:
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"--data {path}: record {len(records) + 1} (line {lineno}) is not valid JSON "
-                                    f"({e.msg})")
+    except json.JSONDecodeError as e:
+        raise DataError(f"--data {path}: not valid JSON at line {e.lineno if one_list else lineno} ({e.msg})")
+    if not isinstance(records, list):
+        raise DataError(f"--data {path}: expected a list of records")
     for i, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise DataError(f"--data {path}: record {i} is not an object with instruction, input, output")
@@ -103,134 +93,7 @@ def held_out(train_config: dict, data: str | None = None) -> list[dict]:
     return dataset(path, train_config.get("val_size", 256), train_config.get("num_examples", 32000))[1]
 
 
-# --- the built-in tasks: small questions with checkable answers, from a lookup that one layer can do to
-# sorting and counting, which take an answer of several tokens; each draws (input, answer) from a random.Random
-
-def spaced(items) -> str:
-    return " ".join(str(x) for x in items)
-
-
-def next_letter(r):
-    letter = r.choice(string.ascii_lowercase[:-1])
-    return letter, chr(ord(letter) + 1)
-
-
-def parity(r):
-    n = r.randint(0, 999)
-    return str(n), "even" if n % 2 == 0 else "odd"
-
-
-def last_letter(r):
-    letters = r.choices(string.ascii_lowercase, k=r.randint(3, 8))
-    return spaced(letters), letters[-1]
-
-
-def largest_digit(r):
-    digits = r.choices(range(10), k=r.randint(3, 8))
-    return spaced(digits), str(max(digits))
-
-
-def sort_digits(r):
-    digits = r.sample(range(10), r.randint(4, 8))  # distinct digits
-    return spaced(digits), spaced(sorted(digits))
-
-
-def count(r):
-    first = r.randint(0, 90)
-    last = first + r.randint(2, 8)
-    return f"{first} to {last}", spaced(range(first, last + 1))
-
-
-TASKS = {  # name: (instruction, how to draw an input and its answer, share of the training mix)
-    "next": ("Which letter comes next in the alphabet?", next_letter, 1),
-    "parity": ("Is the number even or odd?", parity, 1),
-    "last": ("What is the last letter?", last_letter, 1),
-    "max": ("Which digit is the largest?", largest_digit, 1),
-    # the demo's 3 minutes go mostly where they are needed: sorting, and counting, where knowing when to stop
-    # is the last thing a small model learns
-    "sort": ("Sort the digits in increasing order.", sort_digits, 2),
-    "count": ("Count from the first number to the second.", count, 6),
-}
-
-
-def builtin_records(n: int, seed: int, evenly: bool = False) -> list[dict]:
-    """n examples of TASKS in the shares of the training mix (evenly: as many of each), the same for a seed."""
-    rng = random.Random(seed)
-    cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(1 if evenly else share)]
-    records = []
-    for i in range(n):
-        task = cycle[i % len(cycle)]
-        instruction, draw, _ = TASKS[task]
-        inp, out = draw(rng)
-        records.append({"instruction": instruction, "input": inp, "output": out, "task": task})
-    rng.shuffle(records)
-    return records
-
-
-# --- a pretraining corpus in miniature: plain text stating what the tasks ask, without the instruction template,
-# so that a base model knows the facts and fine-tuning teaches it to answer (the paper's setting: a pretrained
-# LLaMA 2, fine-tuned on instructions)
-
-def alphabet_run(r) -> str:
-    first = r.randrange(22)
-    letters = string.ascii_lowercase[first:first + r.randint(4, 10)]
-    return f"The alphabet from {letters[0]} to {letters[-1]}: {spaced(letters)}."
-
-
-def corpus(n: int, seed: int, sentences: int = 6) -> list[dict]:
-    """n documents of a few sentences each, in the tasks' shares and alphabet runs, as records {"text": ...}; the
-    same for the same seed."""
-    templates = {  # task: how one of its (input, answer) pairs reads as a sentence
-        "next": "In the alphabet, {} is followed by {}.", "parity": "The number {} is {}.",
-        "last": "The last letter of {} is {}.", "max": "The largest of the digits {} is {}.",
-        "sort": "The digits {} in increasing order are {}.", "count": "Counting from {}: {}."}
-    rng = random.Random(seed)
-    cycle = [task for task, (_, _, share) in TASKS.items() for _ in range(share)] + ["alphabet"]
-    documents = []
-    for _ in range(n):
-        lines = []
-        for _ in range(sentences):
-            task = rng.choice(cycle)
-            lines.append(alphabet_run(rng) if task == "alphabet" else templates[task].format(*TASKS[task][1](rng)))
-        documents.append({"text": "\n".join(lines)})
-    return documents
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
-
-
-# --- tokenizer and tokens
-
-def train_tokenizer(records: list[dict], vocab_size: int, path: str):
-    """A small LLaMA-style sentencepiece BPE (unk 0, bos 1, eos 2, digits split, byte fallback), written to path.
-    The template's MARKERS are single tokens, so that a tiny model spends its compute on the instruction and the
-    input, and so is a digit after a space ("▁7", two tokens for LLaMA): "1 2 4 7 9" is one token a step of sorting.
-    """
-    import sentencepiece as spm
-    texts = [r["text"] if "text" in r else alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
-    buf = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-            split_digits=True, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
-            hard_vocab_limit=False,
-            user_defined_symbols=[m.replace(" ", "\u2581") for m in MARKERS] + [f"\u2581{d}" for d in range(10)])
-    except RuntimeError as e:  # e.g. fewer pieces than the 256 bytes + characters need
-        raise DataError(f"--vocab_size {vocab_size}: sentencepiece refused ({str(e).split('] ')[-1][:200]})")
-    atomic_write(path, buf.getvalue())
-
-
-def atomic_write(path: str, data: bytes):
-    """Write to a temporary name, flush it to disk, then rename: a reader sees the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+# --- tokens
 
 def tokenize(records: list[dict], tokenizer, max_seq_len: int):
     """((ids, n_prompt) per record: BOS + templated prompt, then response + EOS; a {"text"} of the pretraining

@@ -1,4 +1,4 @@
-"""Weights and tokenizer in and out. load_model(path) reads three layouts:
+"""LLaMA 2's weights into a model, and a sub-model out. load_model(path) reads three layouts:
   meta  params.json + consolidated.NN.pth (model-parallel shards merged along the dims Meta split)
   hf    config.json + *.safetensors (or sharded, with their index; or pytorch_model*.bin); q/k rows un-permuted
   ours  params.json + model.safetensors under Meta's names, as sorted_train.py writes it (or a folder whose `latest`
@@ -17,107 +17,13 @@ import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from data import atomic_write
-from model import ModelArgs, Transformer, default_exits, init_weights
-
-
-class CheckpointError(Exception):  # something about the user's files is wrong: one line, and the script exits
-    pass
-
-
-# --- the tokenizer
-
-class Tokenizer:  # LLaMA's sentencepiece tokenizer (tokenizer.model)
-    def __init__(self, path: str):
-        import sentencepiece as spm
-        self.path = path
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a readable sentencepiece tokenizer ({str(e).splitlines()[0]})")
-        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """A tokenizer.model file, or a folder holding one."""
-    path = os.path.join(resolve(path), "tokenizer.model") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such tokenizer file (pass --tokenizer path/to/tokenizer.model)")
-    return Tokenizer(path)
-
-
-def copy_tokenizer(source: str | None, init: str | None, path: str):
-    """The tokenizer.model at source (a file, or a checkpoint folder holding one), else beside the weights `init`,
-    copied to path."""
-    beside = os.path.join(resolve(init), "tokenizer.model") if init else None
-    source = source or (beside if beside and os.path.exists(beside) else None)
-    if source is None:
-        raise CheckpointError("--data needs a tokenizer: pass --tokenizer path/to/tokenizer.model (or an --init folder "
-                              "holding one)")
-    tokenizer = load_tokenizer(source)  # one clear line if it is not one
-    if os.path.realpath(tokenizer.path) != os.path.realpath(path):
-        with open(tokenizer.path, "rb") as f:
-            atomic_write(path, f.read())
-
-
-def check_vocab(model: Transformer, tokenizer: Tokenizer, where: str = "the checkpoint"):
-    if model.args.vocab_size != tokenizer.vocab_size:
-        raise CheckpointError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but {where} has "
-                              f"{model.args.vocab_size}: pass the tokenizer the model was trained with")
-
-
-def parse_depths(text: str, n_layers: int, flag: str, increasing: bool = False) -> list[int]:
-    """Comma-separated depths (layer counts) of a model of n_layers, each within 1..n_layers."""
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CheckpointError(f"{flag} {text!r}: expected comma-separated layer counts such as 4,8")
-    if not depths:
-        raise CheckpointError(f"{flag} {text!r}: expected at least one layer count")
-    for d in depths:
-        if not 1 <= d <= n_layers:
-            raise CheckpointError(f"{flag} {text}: depth {d} is outside 1..{n_layers} (the model has {n_layers} "
-                                  "layers)")
-    if increasing and any(x >= y for x, y in zip(depths, depths[1:])):
-        raise CheckpointError(f"{flag} {text}: depths must be strictly increasing")
-    return depths
-
-
-def parse_weights(text: str, n: int) -> list[float]:
-    """--exit_weights: n comma-separated numbers."""
-    try:
-        weights = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise CheckpointError(f"--exit_weights {text!r}: expected comma-separated numbers")
-    if len(weights) != n:
-        raise CheckpointError(f"--exit_weights has {len(weights)} values for {n} exits")
-    return weights
-
-
-def trained_exits(ckpt: str, n_layers: int) -> list[int]:
-    """The exits recorded in our params.json, else the default evenly spaced set."""
-    params = os.path.join(resolve(ckpt), "params.json")
-    exits = read_json(params).get("exits") if os.path.exists(params) else None
-    return list(exits) if exits else default_exits(n_layers)
+from checkpoints import CheckpointError, read_json, resolve, save_weights
+from model import ModelArgs, Transformer, fresh_weights
+from tokenizer import Tokenizer, load_tokenizer  # noqa: F401 (importable from here, as before)
 
 
 # --- reading a checkpoint folder
-
-def resolve(path: str) -> str:
-    """Follow a training folder's `latest` link to the checkpoint it names."""
-    latest = os.path.join(path, "latest")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.json")) and os.path.exists(latest):
-        return os.path.join(path, os.readlink(latest))  # through the path as given: each node its own mount of it
-    return path
-
 
 def detect_layout(path: str) -> str:
     if not os.path.isdir(path):
@@ -133,18 +39,6 @@ def detect_layout(path: str) -> str:
         return "hf"
     raise CheckpointError(f"{path}: found neither params.json with consolidated.*.pth or model.safetensors "
                           "(Meta's layout, ours) nor config.json with *.safetensors (Hugging Face's)")
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: {'not valid JSON' if isinstance(e, json.JSONDecodeError) else 'cannot read'} "
-                              f"({e})")
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return cfg
 
 
 def require(cfg: dict, keys, path: str):
@@ -399,17 +293,14 @@ def copy_weights(model, tensors, where: str, put) -> list[str]:
 
 
 def load_initial_weights(model, init: str | None, seed: int, put):
-    """The weights of the checkpoint folder `init`, or a random init drawn from the seed; an exit's own head that
-    `init` lacks starts as the shared head. put(param, tensor) writes a whole tensor into a parameter (under
-    torchrun: a process its shard of it)."""
+    """The weights of the checkpoint folder `init`, or a fresh model's (model.fresh_weights) drawn from the seed; an
+    exit's own head that `init` lacks starts as the shared head. put(param, tensor) writes a whole tensor into a
+    parameter (under torchrun: a process its shard of it)."""
     if init:
-        absent = copy_weights(model, iter_state_dict(resolve(init), *read_args(init)), init, put)
+        tensors = iter_state_dict(resolve(init), *read_args(init))
     else:
-        g = torch.Generator().manual_seed(seed)
-        absent = [n for n, _ in model.named_parameters() if n.startswith("exit_heads.")]
-        for name, p in model.named_parameters():
-            if name not in absent:
-                put(p, init_weights(name, p.shape, model.args.n_layers, g))
+        tensors = ((n, t) for n, t in fresh_weights(model, seed) if not n.startswith("exit_heads."))
+    absent = copy_weights(model, tensors, init or "a fresh model", put)
     with torch.no_grad():
         for e, head in getattr(model, "exit_heads", {}).items():
             if f"exit_heads.{e}.output.weight" in absent:
@@ -417,75 +308,7 @@ def load_initial_weights(model, init: str | None, seed: int, put):
                 head.output.weight.copy_(model.output.weight)
 
 
-# --- writing
-
-def save_weights(state: dict, folder: str):
-    """model.safetensors: the tensors under Meta's names."""
-    path = os.path.join(folder, "model.safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
-    umask = os.umask(0)  # safetensors writes its file for its owner alone (0600): give it what every file gets
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def save_params(args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
-    """params.json (Meta's fields, and what the trainer adds: exits, its configuration), tokenizer.model beside."""
-    with open(os.path.join(folder, "params.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), **extra}, f, indent=2)
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-
-
-def new_checkpoint(out: str, step: int) -> str:
-    """The name of step's checkpoint in the training folder out, and its temporary folder out/.tmp_NAME, made. A run
-    started anew that wrote this step before gets a name of its own: the old stays whole until `latest` leaves it."""
-    name = f"step_{step:07d}"
-    while os.path.lexists(os.path.join(out, name)):
-        name += "+"
-    for stale in [f for f in os.listdir(out) if f.startswith(".tmp_step_")]:  # left by a run killed while saving
-        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-    os.makedirs(os.path.join(out, ".tmp_" + name))
-    return name
-
-
-def resume_point(latest: str, resume: bool) -> str | None:
-    """The training folder of the link `latest` made; the checkpoint it names to resume from (None: a new run)."""
-    os.makedirs(os.path.dirname(latest), exist_ok=True)
-    if resume and os.path.lexists(latest) and not os.path.exists(latest):
-        raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
-    return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
-
-
-def sync(path: str):
-    """Flush a file, or a folder's list of entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def publish(out: str, tmp: str, name: str):
-    """Make the checkpoint written into out/tmp the current one, out/name: its files flushed to disk, renamed, then
-    the link out/latest switched to it in one atomic rename; the checkpoints before it deleted."""
-    for f in os.listdir(tmp) + [""]:
-        sync(os.path.join(tmp, f))
-    os.rename(tmp, os.path.join(out, name))
-    link = os.path.join(out, "latest")
-    if os.path.lexists(link + ".tmp"):  # left by a run killed at this very line
-        os.remove(link + ".tmp")
-    os.symlink(name, link + ".tmp")
-    sync(out)
-    os.replace(link + ".tmp", link)  # the switch
-    sync(out)
-    for old in [f for f in os.listdir(out) if f.startswith("step_") and f != name]:
-        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
-
-
-def save_model(state: dict, args: ModelArgs, folder: str, tokenizer_path: str | None = None, **extra):
-    """A checkpoint in our layout: model.safetensors (Meta's names), params.json, tokenizer.model."""
-    os.makedirs(folder, exist_ok=True)
-    save_weights(state, folder)
-    save_params(args, folder, tokenizer_path, **extra)
-
+# --- writing: a sub-model for Hugging Face
 
 def hf_state_dict(model: Transformer, layers: int) -> dict:
     """The depth-`layers` sub-model's weights under Hugging Face's names (q/k rows in HF's rope layout)."""
@@ -543,8 +366,6 @@ def export(src: str, dst: str, layers: int | None = None, dtype=None):
         json.dump(config, f, indent=2)
     return config
 
-
-export_hf = export  # the name it had before
 
 
 def main(argv=None):

@@ -113,8 +113,10 @@ class Attention(nn.Module):
         causal = mask is None and start_pos == 0 and T > 1
         if mask is None and start_pos > 0 and T > 1:
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
-        gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads queries shares a key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        # grouped-query attention: query heads h*g..h*g+g-1 (g = n_heads / n_kv_heads) share key/value head h.
+        # enable_gqa computes what k.repeat_interleave(g, dim=1) and the same of v would give, without the copies
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -151,6 +153,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)  # shared by every exit
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # shared by every exit
         self.init_rope()
+        # the weights torch gives the modules above are placeholders: a fresh model's come from fresh_weights
+        # (below), a trained one's from load_llama.py
 
     def init_rope(self, device=None):
         """(Re)compute the rotary tables; needed after building on the meta device, as they are not saved."""
@@ -212,9 +216,18 @@ def default_exits(n_layers: int) -> list[int]:
 
 
 def init_weights(name: str, shape, n_layers: int, generator=None) -> torch.Tensor:
-    """A fresh float32 value for parameter `name`: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    """A fresh float32 value for parameter `name`: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norms 1."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
     std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
     return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def fresh_weights(model: Transformer, seed: int):
+    """A fresh model's weights, (name, tensor) one parameter at a time, drawn from the seed (GPT-2's init, as in
+    nanoGPT). load_llama.load_initial_weights copies them in: under torchrun each process keeps only its shard, so
+    the whole model never has to exist in one place."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        yield name, init_weights(name, p.shape, model.args.n_layers, g)

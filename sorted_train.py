@@ -18,12 +18,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import DataError, batch_tensors, dataset, n_targets, step_batches, tokenize, train_tokenizer
-from load_llama import (CheckpointError, copy_tokenizer, load_initial_weights, load_tokenizer, new_checkpoint,
-                        new_model, parse_depths, parse_weights, publish, read_args, read_json, resume_point,
-                        save_params, save_weights)
+from checkpoints import CheckpointError, resume, resume_point, save_checkpoint
+from data import DataError, batch_tensors, dataset, n_targets, step_batches, tokenize
+from flags import FlagError, parse_depths
+from load_llama import load_initial_weights, new_model, read_args
 from model import PRESETS, ModelArgs, default_exits
+from one_process import OneProcess
 from soft import sorted_loss
+from tokenizer import copy_tokenizer, load_tokenizer, train_tokenizer
 
 
 def get_args(argv=None):
@@ -89,21 +91,32 @@ def check_flags(a):
     a.min_lr = a.min_lr if a.min_lr is not None else 0.0 if a.init else a.lr / 10
     for flag in ("batch_size", "grad_accum", "max_seq_len", "vocab_size", "nproc"):
         if getattr(a, flag) < 1:
-            raise DataError(f"--{flag} must be at least 1")
+            raise FlagError(f"--{flag} must be at least 1")
     if a.device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available")
+        raise FlagError("--device cuda: no CUDA device is available")
     if a.mode == "ict" and not a.init and not (a.estimate or a.measure_memory):
-        raise DataError("--mode ict tunes exit heads on a trained model: pass --init with an SFT checkpoint")
+        raise FlagError("--mode ict tunes exit heads on a trained model: pass --init with an SFT checkpoint")
     if a.separate_heads and a.mode != "sorted":
-        raise DataError(f"--separate_heads trains a head per exit with the summed loss of --mode sorted, not {a.mode}")
+        raise FlagError(f"--separate_heads trains a head per exit with the summed loss of --mode sorted, not {a.mode}")
     if a.pretrain and a.data:
-        raise DataError("--pretrain trains on the built-in corpus; it takes no --data")
+        raise FlagError("--pretrain trains on the built-in corpus; it takes no --data")
     if a.dtype == "float16":
-        raise DataError("--dtype float16 needs loss scaling, which this trainer does not do: use --dtype float32 on a "
+        raise FlagError("--dtype float16 needs loss scaling, which this trainer does not do: use --dtype float32 on a "
                         "GPU without bfloat16 (the paper's V100s), bfloat16 on one with it")
     if a.dtype == "bfloat16" and a.device != "cpu" and torch.cuda.is_available() and \
             not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise DataError("--dtype bfloat16: this GPU has no bfloat16; use --dtype float32")
+        raise FlagError("--dtype bfloat16: this GPU has no bfloat16; use --dtype float32")
+
+
+def parse_weights(text: str, n: int) -> list[float]:
+    """--exit_weights: n comma-separated numbers."""
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise FlagError(f"--exit_weights {text!r}: expected comma-separated numbers")
+    if len(weights) != n:
+        raise FlagError(f"--exit_weights has {len(weights)} values for {n} exits")
+    return weights
 
 
 # --- the model and the exits its loss is taken at
@@ -117,7 +130,7 @@ def model_args(a, vocab_size: int | None) -> ModelArgs:
                               f"{vocab_size}: pass the matching --tokenizer")
     args.vocab_size, args.max_seq_len = vocab_size or args.vocab_size, max(args.max_seq_len, a.max_seq_len)
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
-        raise DataError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
+        raise FlagError(f"--dim {args.dim}, --n_heads {args.n_heads}, --n_kv_heads {args.n_kv_heads}: "
                         "dim must divide into heads and heads into kv heads")
     return args
 
@@ -134,86 +147,20 @@ def objective(a, n_layers: int):
     return exits, exits, weights, heads
 
 
-def check_fits(args: ModelArgs, heads: list[int], frozen_trunk: bool, world: int, device: torch.device):
-    """Refuse, before taking any, a run whose float32 weights (4 bytes a parameter), gradients and AdamW moments
-    (12 more a trained one), shared among the processes, overflow the device."""
-    head = args.vocab_size * args.dim + args.dim
-    block = 2 * args.dim * args.head_dim * (args.n_heads + args.n_kv_heads) + 3 * args.dim * args.hidden_dim
-    n_all = args.vocab_size * args.dim + args.n_layers * (block + 2 * args.dim) + head * (1 + len(heads))
-    need = (4 * n_all + 12 * (head * len(heads) if frozen_trunk else n_all)) / world
-    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if need > have:
-        raise CheckpointError(f"{n_all / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB per process for "
-                              f"float32 weights, gradients and AdamW, more than the {have / 2**30:.0f} GiB here: use "
-                              "more GPUs with torchrun (plan it with --estimate --nproc N)")
-
-
 def build(a, run, vocab_size: int | None, real: bool = True):
-    """(the model with its first weights, its loss, AdamW, (exits, loss exits, loss weights, own heads)) for train()
-    and the memory plan; real=False: a simulated run, with no weights and no device to fit."""
+    """(the model with its first weights, the fused loss or None, AdamW, (exits, loss exits, loss weights, own
+    heads)) for train() and the memory plan; real=False: a simulated run, with no weights and no device to fit."""
     args = model_args(a, vocab_size)
     exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
-    if real:
-        check_fits(args, heads, a.mode == "ict", run.world, run.device)
+    if real:  # refuse, before taking any memory, a model that cannot fit (scale/memory.py)
+        from scale.memory import check_fits
+        check_fits(args, len(heads), a.mode == "ict", run.shard_size, run.device)
     model = run.build(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"))
     if real:
         load_initial_weights(model, a.init, a.seed, run.put)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
-    return model, run.objective(model, a.fused_ce), opt, (exits, loss_exits, loss_weights, heads)
-
-
-class OneProcess:
-    """One process on one device: a plain model, plain checkpoint files. Under torchrun, scale/fsdp.py's Sharded
-    takes its place: the same methods, for one process among many."""
-    rank, world, master = 0, 1, True
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, activation_checkpointing=False, compile=False):
-        self.device, self.dtype = device, dtype
-        self.blocks = dict(activation_checkpointing=activation_checkpointing, compile=compile)
-        # the weights stay float32; autocast computes in a lower dtype if one is asked for
-        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    @staticmethod
-    @torch.no_grad()
-    def put(p, t):
-        p.copy_(t if isinstance(t, torch.Tensor) else t.rows())  # a checkpoint's tensor read whole (scale/: a shard)
-
-    def build(self, make_model):
-        with torch.device(self.device):
-            model = make_model()
-        if any(self.blocks.values()):  # activation checkpointing, compile: per block (scale/)
-            from scale.fsdp import wrap_blocks
-            wrap_blocks(model, **self.blocks)
-        return model
-
-    def objective(self, model, fused: bool):  # soft.py's loss, or the same in chunks (scale/fused_ce.py)
-        if fused:
-            from scale.fused_ce import SortedObjective
-            return SortedObjective(model)
-        return lambda *batch: sorted_loss(model, *batch)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t  # summed over the processes: this one's
-
-    barrier = close = share = micro_batch = lambda self, *_, **__: None  # one process: nothing to share or wait for
-
-    def decide(self, fn):
-        return fn()  # under torchrun: rank 0's answer, or its error, on every process
-
-    def save(self, folder: str, model, opt):  # the weights for inference (in the compute dtype), the training state
-        state = model.state_dict()
-        save_weights({n: t.to(self.dtype) for n, t in state.items()}, folder)
-        torch.save({"model": state, "optim": opt.state_dict()}, os.path.join(folder, "train_state.pt"))
-
-    def restore(self, folder: str, model, opt):
-        if not os.path.exists(os.path.join(folder, "train_state.pt")):
-            raise CheckpointError(f"{folder} was written under torchrun: it resumes under torchrun (--nproc_per_node 1 "
-                                  f"for one device), or start anew from its weights with --init {folder}")
-        state = torch.load(os.path.join(folder, "train_state.pt"), map_location=self.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+    return model, run.fused_loss(model, a.fused_ce), opt, (exits, loss_exits, loss_weights, heads)
 
 
 def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool, hsdp: int | None = None,
@@ -254,7 +201,7 @@ def prepare_data(a, run, resume_from: str | None):
     return tokenizer, tok_path, train_ex, val_ex
 
 
-# --- the loop's helpers: schedule, evaluation, checkpoints
+# --- the loop's helpers: schedule, evaluation
 
 def get_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warmup, then cosine decay to min_lr at the last step."""
@@ -273,55 +220,28 @@ def schedule(n_examples: int, global_batch: int, max_steps: int | None, epochs: 
 
 
 @torch.no_grad()
-def evaluate(loss_fn, examples, exits: list[int], batch_size: int, run) -> list[float]:
+def evaluate(model, fused, examples, exits: list[int], batch_size: int, run) -> list[float]:
     """Per-exit mean token cross-entropy on the held-out examples, each process taking its share."""
     sums = torch.zeros(len(exits) + 1, dtype=torch.float64)  # per exit, then the token count
     mine = examples[run.rank::run.world]
     for b in range(math.ceil(math.ceil(len(examples) / run.world) / batch_size)):  # as many in every process
         batch = mine[b * batch_size:(b + 1) * batch_size]
-        with run.autocast:  # FSDP needs every process in every forward: one that has run out does one example, unused
-            _, ce = loss_fn(*batch_tensors(batch or examples[:1], run.device), exits, [1.0] * len(exits))
+        # FSDP needs every process in every forward: one that has run out does one example, unused
+        tokens, positions, targets = batch_tensors(batch or examples[:1], run.device)
+        with run.autocast:
+            _, ce = sorted_loss(model, tokens, positions, targets, exits, [1.0] * len(exits)) if fused is None \
+                else fused(tokens, positions, targets, exits, [1.0] * len(exits))
         if batch:
             sums += torch.tensor([*ce.tolist(), sum(n_targets(e) for e in batch)], dtype=torch.float64)
     sums = run.sum(sums)
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, **params):
-    """out/step_NNNNNNN/: what load_model reads, and the training state; written under a temporary name, then
-    published (flushed, out/latest switched to it atomically: a crash at any point leaves the previous one current)."""
-    name = run.decide(lambda: new_checkpoint(out, step))  # rank 0's view of the folder, whatever the others see
-    tmp = os.path.join(out, ".tmp_" + name)
-    run.save(tmp, model, opt)  # every process writes its part
-    if run.master:
-        save_params(model.args, tmp, tokenizer_path, step=step, **params)
-        publish(out, tmp, name)
-    run.barrier()
-
-
-def resume(folder: str, run, model, opt, flags: dict, global_batch: int, log: str) -> int:
-    """The step a run resumes at, with its weights and AdamW state restored and its log cut back to that step."""
-    def check(saved):  # rank 0 checks: every process gets its verdict
-        if {k: saved.get("train_config", {}).get(k, v) for k, v in flags.items()} != flags:
-            raise DataError(f"{folder} was trained with another objective (--mode, --exits, --exit_weights, "
-                            "--separate_heads, --no_exit_norm): resume with the flags it was started with")
-        if saved.get("global_batch", global_batch) != global_batch:
-            raise DataError(f"{folder} was trained with a global batch of {saved['global_batch']} (batch_size x "
-                            f"grad_accum x processes), this run has {global_batch}: resume with the same global "
-                            "batch, so that every step sees the examples it would have seen")
-        return saved["step"]
-    step = run.decide(lambda: check(read_json(os.path.join(folder, "params.json"))))
-    run.restore(folder, model, opt)
-    if run.master and os.path.exists(log):
-        kept = []
-        with open(log) as f:
-            for line in f:
-                if not line.endswith("\n") or json.loads(line)["step"] > step:  # cut short by a crash, or after
-                    break
-                kept.append(line)
-        with open(log, "w") as f:
-            f.writelines(kept)
-    return step
+def check_finite(losses: list[float], norm: float, step: int, out: str):
+    """Stop the run before a non-finite loss or gradient is applied to the weights."""
+    if not all(math.isfinite(x) for x in [*losses, norm]):
+        raise DataError(f"non-finite loss or gradient at step {step + 1} (losses {losses}); stopping without saving, "
+                        f"the last checkpoint in {out} is intact: lower --lr")
 
 
 def peak_memory(device) -> dict:
@@ -335,16 +255,16 @@ def peak_memory(device) -> dict:
 # --- training
 
 def train(a):
-    check_flags(a)
     run = start(a.device, a.dtype, a.activation_checkpointing, a.compile, a.hsdp, a.timeout)
     latest, log_path = os.path.join(a.out, "latest"), os.path.join(a.out, "log.jsonl")
-    resume_from = run.decide(lambda: resume_point(latest, a.resume))  # rank 0 decides: every process, one answer
-    run.share(a.out)  # every process sees the files rank 0 writes there
+    # run.decide(f) is f() in one process; under torchrun rank 0 calls it and every process gets its answer
+    resume_from = run.decide(lambda: resume_point(latest, a.resume))
+    run.share(a.out)  # under torchrun: proves that every process sees the files rank 0 writes there
     tokenizer, tok_path, train_ex, val_ex = prepare_data(a, run, resume_from)
 
     # the model with its first weights, the exits its loss sums over, AdamW
-    model, loss_fn, opt, (exits, loss_exits, loss_weights, heads) = build(a, run, tokenizer.vocab_size)
-    args, trainable = model.args, [p for p in model.parameters() if p.requires_grad]
+    model, fused, opt, (exits, loss_exits, loss_weights, heads) = build(a, run, tokenizer.vocab_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     # the schedule, and where a resumed run stands in it
     global_batch = a.batch_size * a.grad_accum * run.world
@@ -354,11 +274,12 @@ def train(a):
     record = dict(exits=exits, mode=a.mode, world_size=run.world, global_batch=global_batch, train_config=vars(a),
                   exit_norm=not a.no_exit_norm, **(dict(exit_heads=heads) if heads else {}))  # for params.json
     if run.master:
-        print(f"model: {args.n_layers} layers, dim {args.dim}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
-              f"M parameters; {'pretraining, ' * a.pretrain}mode {a.mode}, exits {exits}, loss at {loss_exits}"
-              f"{', own heads at ' + str(heads) if heads else ''}{', no norm below the last' * a.no_exit_norm}; "
-              f"{total} steps of {global_batch} on {run.world} x {run.device}; lr {a.lr:g}, warmup {warmup} steps, "
-              f"cosine to {a.min_lr:g}" + (f"; resuming from {resume_from} at step {step}" if step else ""))
+        print(f"model: {model.args.n_layers} layers, dim {model.args.dim}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {'pretraining, ' * a.pretrain}mode "
+              f"{a.mode}, exits {exits}, loss at {loss_exits}{', own heads at ' + str(heads) if heads else ''}"
+              f"{', no norm below the last' * a.no_exit_norm}; {total} steps of {global_batch} on {run.world} x "
+              f"{run.device}; lr {a.lr:g}, warmup {warmup} steps, cosine to {a.min_lr:g}"
+              + (f"; resuming from {resume_from} at step {step}" if step else ""))
         open(log_path, "a" if step else "w").close()
 
     with tqdm(total=total, initial=step, disable=not run.master, dynamic_ncols=True) as bar:
@@ -367,26 +288,30 @@ def train(a):
             lr = get_lr(step, a.lr, a.min_lr, warmup, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            # forward and backward of this process's micro-batches, the gradients adding up: the loss is a mean over
-            # the global batch's target tokens, and FSDP averages the gradients over the processes, hence the scale
+            # this process's micro-batches, and n_global, the target tokens of the step's whole (global) batch
             micro, n_global = step_batches(train_ex, step, a.batch_size, a.grad_accum, a.seed, run.rank, run.world)
             ce_sums = 0  # per exit, the sum of its token losses
             for i, batch in enumerate(micro):
-                run.micro_batch(last=i == len(micro) - 1)
+                run.micro_batch(last=i == len(micro) - 1)  # under HSDP: gradients cross the nodes with the last
+                tokens, positions, targets = batch_tensors(batch, run.device)
+                # the loss is a mean over the n_global tokens, and FSDP averages the processes' gradients, which
+                # divides by the world: each process scales its sum by world / n_global (in one process 1 / n_global)
+                scale = run.world / n_global
                 with run.autocast:
-                    loss, ce = loss_fn(*batch_tensors(batch, run.device), loss_exits, loss_weights,
-                                       run.world / n_global)
+                    if fused is None:  # soft.py: the SoFT loss, summed over the exits
+                        loss, ce = sorted_loss(model, tokens, positions, targets, loss_exits, loss_weights, scale)
+                    else:  # its fused twin, which never holds whole logits (scale/fused_ce.py; always under torchrun)
+                        loss, ce = fused(tokens, positions, targets, loss_exits, loss_weights, scale)
                 loss.backward()
                 ce_sums = ce_sums + ce
-            n_tokens = sum(len(ids) for batch in micro for ids, _ in batch)
-            sums = run.sum(torch.tensor([*ce_sums.tolist(), n_tokens], dtype=torch.float64))
+            # the per-exit losses, over every process's tokens (run.sum: in one process, this one's)
+            sums = run.sum(torch.tensor([*ce_sums.tolist(), sum(len(x) for b in micro for x, _ in b)],
+                                        dtype=torch.float64))
             losses = {str(e): x for e, x in zip(loss_exits, (sums[:-1] / n_global).tolist())}
             # clip (the norm of all processes' gradients together), and stop before a non-finite one is applied
             norm = nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded, it is a DTensor
-            if not all(math.isfinite(x) for x in [*losses.values(), norm.item()]):
-                raise DataError(f"non-finite loss or gradient at step {step + 1} (losses {list(losses.values())}); "
-                                f"stopping without saving, the last checkpoint in {a.out} is intact: lower --lr")
+            check_finite(list(losses.values()), norm.item(), step, a.out)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -397,7 +322,7 @@ def train(a):
             bar.set_postfix_str(" ".join(f"L{e} {x:.3f}" for e, x in losses.items()))
             bar.update()
             if val_ex and (step == total or (a.eval_interval and step % a.eval_interval == 0)):
-                val = evaluate(loss_fn, val_ex, exits, a.batch_size, run)
+                val = evaluate(model, fused, val_ex, exits, a.batch_size, run)
                 log.append(dict(step=step, val_loss={str(e): round(x, 4) for e, x in zip(exits, val)}))
                 if run.master:
                     bar.write(f"step {step}: val loss " + " ".join(f"L{e} {x:.3f}" for e, x in zip(exits, val)))
@@ -405,10 +330,21 @@ def train(a):
                 with open(log_path, "a") as f:
                     f.writelines(json.dumps(entry) + "\n" for entry in log)
             if step == total or (a.save_interval and step % a.save_interval == 0):
-                save_checkpoint(a.out, step, run, model, opt, tok_path, **record)
+                save_checkpoint(a.out, step, run, model, opt, tok_path, **record)  # checkpoints.py: atomically
     if run.master:
         print(f"checkpoint: {latest} -> step_{step:07d}; try: python generate.py --ckpt {a.out} --compare")
-    run.close()
+    run.close()  # under torchrun: the process group ends once every process is done
+
+
+def plan_memory(a, search: bool = True) -> dict:
+    """--estimate and --measure_memory: the peak memory of one step of this trainer under torchrun, simulated for
+    --nproc GPUs or measured (scale/memory.py)."""
+    from scale.memory import plan_run
+    return plan_run(lambda dtype, fake_world: start(a.device, dtype, a.activation_checkpointing, False, a.hsdp,
+                                                    a.timeout, fake_world),
+                    lambda run, real: build(a, run, a.vocab_size if a.model == "tiny" else None, real),
+                    a.estimate, a.nproc, a.dtype, a.grad_clip, a.batch_size, a.max_seq_len, a.grad_accum,
+                    a.gpu_memory, search)
 
 
 def main(argv=None):
@@ -416,31 +352,14 @@ def main(argv=None):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     a = get_args(argv)
     try:
-        if a.estimate or a.measure_memory:
-            plan_memory(a, simulate=a.estimate)
-        else:
-            train(a)
-    except (DataError, CheckpointError, OSError) as e:  # one line; under torchrun from the process that met it
+        check_flags(a)
+        plan_memory(a) if a.estimate or a.measure_memory else train(a)
+    except (DataError, FlagError, CheckpointError, OSError) as e:  # one line; under torchrun from the process met it
         rank = os.environ.get("RANK")
         if not rank or not getattr(e, "decided", False) or rank == "0":  # rank 0's decisions: once, by rank 0
             print(f"{'rank ' + rank + ': ' if rank and not getattr(e, 'decided', False) else ''}error: {e}",
                   file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-# --- the memory plan (scale/memory.py): this trainer's model and step, simulated for N GPUs, or measured
-
-def plan_memory(a, simulate: bool, search: bool = True) -> dict:
-    """--estimate and --measure_memory: the peak memory of one step of a torchrun run of this trainer."""
-    check_flags(a)
-    if not simulate and "RANK" not in os.environ:
-        raise DataError("--measure_memory measures the FSDP step of a torchrun run: launch it with "
-                        "torchrun --nproc_per_node N sorted_train.py --measure_memory ...")
-    from scale import memory
-    dtype = "bfloat16" if simulate and a.dtype == "auto" else a.dtype  # a simulation plans for GPUs
-    run = start(a.device, dtype, a.activation_checkpointing, False, a.hsdp, a.timeout, a.nproc if simulate else None)
-    return memory.plan(lambda: build(a, run, a.vocab_size if a.model == "tiny" else None, real=not simulate), run,
-                       simulate, a.grad_clip, a.batch_size, a.max_seq_len, a.grad_accum, a.gpu_memory, search)
 
 
 if __name__ == "__main__":

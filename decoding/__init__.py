@@ -4,6 +4,7 @@
   batch.py        several prompts decoded together (generate_batch), left-padded, each row masked
   speculative.py  self-speculative decoding: the first K layers draft, the full model verifies
   early_exit.py   each token leaves at the first exit confident enough
+  cli.py          generate.py's flags for them
 """
 from functools import partial
 
@@ -13,8 +14,8 @@ from decoding.batch import generate_batch
 from decoding.early_exit import exit_early
 from decoding.speculative import speculate
 from decoding.step import layers_fn, open_cache
-from generate import sample
 from model import Transformer, default_exits
+from sampling import sample
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ greedy rows are token for token what generate.generate gives each prompt alone.
 import torch
 
 from decoding.step import layers_fn, open_cache
-from generate import sample
 from model import Transformer
+from sampling import sample
 
 
 @torch.no_grad()

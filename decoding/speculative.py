@@ -8,7 +8,7 @@ rejection sampling (Leviathan et al. 2023) keeps the full model's distribution.
 """
 import torch
 
-from generate import logits_to_probs
+from sampling import logits_to_probs
 
 
 def speculate(model, prompt, K, N, confidence, pick, emit, end, eos_id, stats, sampling, layers):

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from load_llama import CheckpointError
+from checkpoints import CheckpointError
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from data import DataError
+from flags import FlagError
 from scale import checkpoint as ckpt
 from scale.fused_ce import SortedObjective
 
@@ -111,7 +111,7 @@ class Sharded:
         self.master = self.rank == 0
         self.io = None if fake_world else dist.new_group(backend="gloo", timeout=timedelta(hours=1))
         # the mesh is built before any FakeTensorMode: building it reads real tensors
-        shard_size = shard_size or self.world
+        shard_size = self.shard_size = shard_size or self.world
         if self.world % shard_size:
             raise ValueError(f"--hsdp {shard_size}: it must divide the {self.world} processes")
         self.mesh = init_device_mesh(self.device.type, (self.world,)) if shard_size == self.world else \
@@ -161,7 +161,7 @@ class Sharded:
             os.remove(marker)
         blind = [rank for rank, saw in enumerate(seen) if not saw]
         if blind:
-            error = DataError(f"--out {folder}: the processes of rank {blind} do not see the file rank 0 wrote there: "
+            error = FlagError(f"--out {folder}: the processes of rank {blind} do not see the file rank 0 wrote there: "
                               "it must be one folder on a filesystem every node shares")
             error.decided = True
             raise error
@@ -193,7 +193,7 @@ class Sharded:
         if self.mesh.ndim == 2:
             self.root.set_requires_all_reduce(last)
 
-    def objective(self, model, fused: bool = True):
+    def fused_loss(self, model, fused: bool = True):
         return self.root  # the root of the sharding, and so always the fused loss
 
     def save(self, folder: str, model, opt):

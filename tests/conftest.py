@@ -46,7 +46,8 @@ def random_model(args: ModelArgs, seed: int = 0, heads=(), exit_norm: bool = Tru
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
     """A 400-token sentencepiece model trained on the built-in tasks."""
-    from data import builtin_records, train_tokenizer
+    from tasks import builtin_records
+    from tokenizer import train_tokenizer
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
     train_tokenizer(builtin_records(3000, seed=0), 400, path)
     return path

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from analyze import cosine, kl_divergence
 from conftest import assert_close, assert_one_line_error, random_model, run_main, tiny_args
-from data import exact_match
+from tasks import exact_match
 from test_train import FAST
 
 
@@ -71,8 +71,9 @@ def test_ict_tunes_each_exit_head_and_leaves_the_trunk(tmp_path):
 
 @pytest.mark.parametrize("layout", ["hf", "meta"])
 def test_analyze_reads_hugging_face_and_meta_folders(tmp_path, tokenizer_path, layout):
-    from data import builtin_records
-    from load_llama import export, save_model
+    from checkpoints import save_model
+    from load_llama import export
+    from tasks import builtin_records
     from test_load import write_meta
     model = random_model(tiny_args(max_seq_len=160))
     if layout == "hf":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, random_model, run_main, tiny_args
-from load_llama import save_model
+from checkpoints import save_model
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_layers_outside_the_model(ckpt, layers):
 def test_tokenizer_vocabulary_mismatch(tmp_path):
     model = random_model(tiny_args(vocab_size=512))
     save_model(model.state_dict(), model.args, str(tmp_path / "m"))
-    from data import builtin_records, train_tokenizer
+    from tasks import builtin_records
+    from tokenizer import train_tokenizer
     train_tokenizer(builtin_records(2000, seed=0), 400, str(tmp_path / "tok.model"))
     rc, _, err = run_main("generate.py", "--ckpt", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.model"))
     assert_one_line_error(rc, err, "400 tokens", "512")

@@ -252,7 +252,7 @@ def test_saving_after_evaluation_finds_every_parameter_sharded(tmp_path):
     try:
         model = run.build(lambda: Transformer(tiny_args()))
         examples = [([1, 5, 6, 7, 8, 9, 2], 4)] * 3
-        evaluate(run.objective(model), examples, [2, 4], 2, run)
+        evaluate(model, run.fused_loss(model), examples, [2, 4], 2, run)
         assert [n for n, p in model.named_parameters() if not isinstance(p, DTensor)], "nothing left gathered"
         reshard(run.root)  # what Sharded.save does first
         gathered = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
@@ -272,14 +272,14 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
     from conftest import tiny_args
     from model import Transformer
     from load_llama import load_initial_weights
-    from sorted_train import OneProcess
+    from one_process import OneProcess
     args = tiny_args(n_layers=3)
 
     def build(activation_checkpointing, compile):
         run = OneProcess(torch.device("cpu"), torch.float32, activation_checkpointing, compile)
         model = run.build(lambda: Transformer(args))
         load_initial_weights(model, None, 0, run.put)
-        return model, run.objective(model, fused=True)
+        return model, run.fused_loss(model, fused=True)
 
     g = torch.Generator().manual_seed(1)
     batch = (torch.randint(0, 400, (2, 32), generator=g), torch.arange(64), torch.randint(0, 400, (64,), generator=g))
@@ -311,8 +311,10 @@ def test_activation_checkpointing_with_compile_compiles_every_block():
 
 def plan(*flags, nproc=None):
     """sorted_train.py --estimate in this process: the peak memory by kind, in bytes."""
-    from sorted_train import get_args, plan_memory
-    return plan_memory(get_args(["--estimate", "--nproc", str(nproc), *flags]), simulate=True, search=False)
+    from sorted_train import check_flags, get_args, plan_memory
+    a = get_args(["--estimate", "--nproc", str(nproc), *flags])
+    check_flags(a)
+    return plan_memory(a, search=False)
 
 
 def test_gradient_memory_per_rank_falls_with_the_number_of_processes():
@@ -371,10 +373,10 @@ def test_an_error_that_only_rank_1_meets_is_printed_with_its_cause(tmp_path):
     """Rank 1 alone cannot read the tokenizer: it says so itself, prefixed with its rank, and the run stops non-zero
     (before, rank 0's 'Connection closed by peer' was all that showed)."""
     rc, _, err = run_with_rank_1(tmp_path, """
-    import load_llama
+    import checkpoints, tokenizer
     def unreadable(path):
-        raise load_llama.CheckpointError(f"{path}: not readable from this node")
-    load_llama.load_tokenizer = unreadable""")
+        raise checkpoints.CheckpointError(f"{path}: not readable from this node")
+    tokenizer.load_tokenizer = unreadable""")
     assert rc != 0
     lines = [line for line in err.splitlines() if "error:" in line]
     assert any(line.startswith("rank 1: error: ") and "not readable from this node" in line for line in lines), err

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from conftest import assert_close, random_model, tiny_args
-from load_llama import META_SPLIT_DIM, CheckpointError, export, load_model, load_tokenizer, save_model
+from checkpoints import CheckpointError, save_model
+from load_llama import META_SPLIT_DIM, export, load_model, load_tokenizer
 from test_model import to_hf
 
 TOKENS = torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))

@@ -90,7 +90,7 @@ def test_generate_stops_at_eos_and_reproduces_with_a_seed():
 
 
 def test_top_k_and_top_p_filter_the_distribution():
-    from generate import logits_to_probs
+    from sampling import logits_to_probs
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     p = logits_to_probs(logits, 1.0, top_k=2)
     assert (p[0, 2:] == 0).all() and abs(p.sum().item() - 1) < 1e-6

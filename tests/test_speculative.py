@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import random_model, run_main, tiny_args
-from generate import alpaca_prompt, generate, logits_to_probs
+from data import alpaca_prompt
+from generate import generate
+from sampling import logits_to_probs
 from load_llama import load_model, load_tokenizer
 from test_train import FAST
 

@@ -174,7 +174,7 @@ def write(path, text):
 @pytest.mark.parametrize("content,needle", [
     (None, "no such file"),
     ('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": "c", "output": }]',
-     "record 2 is not valid JSON"),
+     "not valid JSON at line 2"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 2 lacks a string field 'output'"),
     ("[]", "empty"),
 ])
@@ -199,7 +199,7 @@ def test_float16_is_refused_with_the_flag_to_use(tmp_path):
 
 
 def test_init_vocabulary_must_match_the_tokenizer(tmp_path, tokenizer_path):
-    from load_llama import save_model
+    from checkpoints import save_model
     model = random_model(tiny_args(vocab_size=512))
     save_model(model.state_dict(), model.args, str(tmp_path / "init"))
     rc, _, err = run_main("sorted_train.py", *FAST, "--init", str(tmp_path / "init"), "--tokenizer", tokenizer_path,

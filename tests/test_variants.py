@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import assert_close, assert_one_line_error, random_model, run_main, tiny_args
-from data import batch_tensors, corpus, tokenize
+from data import batch_tensors, tokenize
+from tasks import corpus
 from load_llama import load_model, load_tokenizer
 from soft import sorted_loss
 from test_train import FAST
