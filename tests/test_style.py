@@ -7,7 +7,9 @@ import os
 from conftest import ROOT
 
 LAYERS = ("scale", "decoding", "variants")  # the layers' packages
-CORE = ("model", "soft", "data", "sorted_train", "generate", "load_llama")
+CORE = ("model", "soft", "data", "sorted_train", "generate", "load_llama", "one_process", "sampling", "tokenizer",
+        "checkpoints", "tasks", "flags")
+READ = ("model", "soft", "data", "sorted_train", "generate", "load_llama")  # at least these in the README's order
 SCRIPTS = ("sorted_train", "analyze", "bench")  # command-line programs: nothing imports them
 MODULES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + [p for layer in LAYERS
                                                           for p in glob.glob(os.path.join(ROOT, layer, "*.py"))])
@@ -55,7 +57,7 @@ def test_the_readme_reading_order_points_at_whole_definitions():
     import re
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         ranges = re.findall(r"\| `(\w+\.py)` ((?:\d+-\d+(?:, )?)+) \|", f.read())
-    assert {name for name, _ in ranges} >= {f"{name}.py" for name in CORE}, ranges
+    assert {name for name, _ in ranges} >= {f"{name}.py" for name in READ}, ranges
     for name, spans in ranges:
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             text = f.read()
@@ -66,3 +68,52 @@ def test_the_readme_reading_order_points_at_whole_definitions():
         for span in spans.split(", "):
             first, last = map(int, span.split("-"))
             assert first in starts and last in ends, f"{name} {span}: not the lines of whole definitions"
+
+
+def test_no_import_circle():
+    """No file reaches itself through imports, a function's own imports included: a lower module owns what two
+    files share (sampling.py, say, rather than generate.py and decoding/ importing each other)."""
+    files = {os.path.relpath(p, ROOT) for p in MODULES}
+
+    def target(module: str):
+        path = module.replace(".", "/")
+        return next((f for f in (path + ".py", path + "/__init__.py") if f in files), None)
+
+    graph = {}
+    for f in files:
+        with open(os.path.join(ROOT, f), encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[f] = {t for t in map(target, names) if t and t != f}
+
+    def reach(start: str) -> set:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+    circles = sorted(f for f in files if f in reach(f))
+    assert not circles, f"files that import themselves through others: {circles}"
+
+
+def test_the_training_doc_lists_every_flag_of_the_trainer():
+    import argparse
+    import re
+    from unittest import mock
+
+    from sorted_train import get_args
+    parsers = []
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", lambda self, *_: parsers.append(self)):
+        get_args([])
+    flags = {s for action in parsers[0]._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
+    with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
+        table = f.read().split("## Every flag", 1)[1]
+    documented = {flag for row in table.splitlines() if row.startswith("| `")
+                  for flag in re.findall(r"`(--\w+)", row.split("|")[1])}
+    assert documented == flags, f"undocumented: {sorted(flags - documented)}, not flags: {sorted(documented - flags)}"
