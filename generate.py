@@ -41,7 +41,8 @@ def generate_plain(model: Transformer, prompt_ids: list[int], max_new_tokens: in
     out, x, pos = [], torch.tensor([prompt_ids], device=device), 0
     try:
         while len(out) < max_new_tokens:
-            h = model(x, start_pos=pos, exits=[depth])[0][:, -1]  # (1, dim): the last position is the one sampled
+            # forward(exits=[depth]) stops before the head, so that the head runs on the last position alone
+            h = model(x, start_pos=pos, exits=[depth])[0][:, -1]  # (1, dim)
             logits = model.head(h, depth)  # (1, vocab): the shared norm and head, at this depth
             pos += x.size(1)  # the keys and values of x are in the cache now
             token = sample(logits, temperature, top_k, top_p, generator)  # (1,)

@@ -170,6 +170,7 @@ class Transformer(nn.Module):
         if exits is None:
             depth = n_layers or self.args.n_layers
             return self.head(self.run_layers(h, start_pos, 0, depth), depth)
+        assert all(a < b for a, b in zip(exits, exits[1:])), f"exits {exits} must be strictly increasing"
         hidden = []
         for first, last in zip([0] + exits, exits):
             h = self.run_layers(h, start_pos, first, last)

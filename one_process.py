@@ -49,7 +49,8 @@ class OneProcess:
 
     def save(self, folder: str, model, opt):  # the weights for inference (in the compute dtype), the training state
         state = model.state_dict()
-        save_weights({n: t.to(self.dtype) for n, t in state.items()}, folder)
+        # to the host one tensor at a time, cast there: a GPU near its limit has no room for a cast copy of all
+        save_weights({n: t.to("cpu").to(self.dtype) for n, t in state.items()}, folder)
         torch.save({"model": state, "optim": opt.state_dict()}, os.path.join(folder, "train_state.pt"))
 
     def restore(self, folder: str, model, opt):

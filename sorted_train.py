@@ -141,23 +141,29 @@ def objective(a, n_layers: int):
     head, --separate_heads those below the last (variants/exit_heads.py)."""
     exits = default_exits(n_layers) if a.exits is None else parse_depths(a.exits, n_layers, "--exits", True)
     weights = [1.0] * len(exits) if a.exit_weights is None else parse_weights(a.exit_weights, len(exits))
-    heads = exits if a.mode == "ict" else [e for e in exits if e < n_layers] if a.separate_heads else []
+    heads = []  # the shared norm and head for every exit
+    if a.mode == "ict":
+        heads = exits
+    elif a.separate_heads:
+        heads = [e for e in exits if e < n_layers]
     if a.mode == "sft":
         return exits, [n_layers], [1.0], heads
     return exits, exits, weights, heads
 
 
-def build(a, run, vocab_size: int | None, real: bool = True):
+def build(a, run, vocab_size: int | None, resume_from: str | None = None, real: bool = True):
     """(the model with its first weights, the fused loss or None, AdamW, (exits, loss exits, loss weights, own
-    heads)) for train() and the memory plan; real=False: a simulated run, with no weights and no device to fit."""
+    heads)) for train() and the memory plan; real=False: a simulated run, with no weights and no device to fit;
+    resume_from: no first weights, that checkpoint's replace them."""
     args = model_args(a, vocab_size)
     exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
     if real:  # refuse, before taking any memory, a model that cannot fit (scale/memory.py)
         from scale.memory import check_fits
         check_fits(args, len(heads), a.mode == "ict", run.shard_size, run.device)
     model = run.build(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"))
-    if real:
+    if real and not resume_from:
         load_initial_weights(model, a.init, a.seed, run.put)
+        run.barrier()  # under torchrun: processes done loading minutes apart wait on the I/O group's long timeout
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay)
     return model, run.fused_loss(model, a.fused_ce), opt, (exits, loss_exits, loss_weights, heads)
@@ -168,8 +174,9 @@ def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool
     """This process's place in the run: alone, or one of torchrun's (scale/; fake_world: rank 0 of a simulated
     run). --dtype auto is bfloat16 on a GPU that has it, float32 elsewhere (the paper's V100s have none)."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:  # each process on its own GPU before anything touches one
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if cuda:  # each process on its own GPU before anything touches one; where a process sees one GPU, that one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32: nothing that matters is lost
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bfloat16 is slow, not bfloat16
     dtype = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if bf16 else torch.float32
     if "RANK" in os.environ or fake_world:
@@ -255,15 +262,15 @@ def peak_memory(device) -> dict:
 # --- training
 
 def train(a):
+    # run: one_process.OneProcess, or under torchrun scale/fsdp.py's Sharded, which shards the model over processes
     run = start(a.device, a.dtype, a.activation_checkpointing, a.compile, a.hsdp, a.timeout)
     latest, log_path = os.path.join(a.out, "latest"), os.path.join(a.out, "log.jsonl")
-    # run.decide(f) is f() in one process; under torchrun rank 0 calls it and every process gets its answer
-    resume_from = run.decide(lambda: resume_point(latest, a.resume))
+    resume_from = run.decide(lambda: resume_point(latest, a.resume))  # under torchrun rank 0's answer, for all
     run.share(a.out)  # under torchrun: proves that every process sees the files rank 0 writes there
     tokenizer, tok_path, train_ex, val_ex = prepare_data(a, run, resume_from)
 
     # the model with its first weights, the exits its loss sums over, AdamW
-    model, fused, opt, (exits, loss_exits, loss_weights, heads) = build(a, run, tokenizer.vocab_size)
+    model, fused, opt, (exits, loss_exits, loss_weights, heads) = build(a, run, tokenizer.vocab_size, resume_from)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # the schedule, and where a resumed run stands in it
@@ -304,21 +311,21 @@ def train(a):
                         loss, ce = fused(tokens, positions, targets, loss_exits, loss_weights, scale)
                 loss.backward()
                 ce_sums = ce_sums + ce
-            # the per-exit losses, over every process's tokens (run.sum: in one process, this one's)
-            sums = run.sum(torch.tensor([*ce_sums.tolist(), sum(len(x) for b in micro for x, _ in b)],
-                                        dtype=torch.float64))
+            n_tokens = sum(len(ids) for b in micro for ids, _ in b)  # this process's, prompts included: for tokens/s
+            # the per-exit losses over every process's tokens (run.sum: in one process, this one's)
+            sums = run.sum(torch.tensor([*ce_sums.tolist(), n_tokens], dtype=torch.float64))
             losses = {str(e): x for e, x in zip(loss_exits, (sums[:-1] / n_global).tolist())}
             # clip (the norm of all processes' gradients together), and stop before a non-finite one is applied
             norm = nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded, it is a DTensor
-            check_finite(list(losses.values()), norm.item(), step, a.out)
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # sharded, it is a DTensor
+            check_finite(list(losses.values()), norm, step, a.out)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            # log, evaluate every exit, save
-            dt = time.perf_counter() - t0
-            log = [dict(step=step, loss={e: round(x, 4) for e, x in losses.items()}, lr=lr, sec_per_step=round(dt, 4),
-                        tokens_per_sec=round(sums[-1].item() / dt, 1), **peak_memory(run.device))]
+            dt = time.perf_counter() - t0  # then log, evaluate every exit, save
+            log = [dict(step=step, loss={e: round(x, 4) for e, x in losses.items()}, lr=lr, grad_norm=round(norm, 4),
+                        sec_per_step=round(dt, 4), tokens_per_sec=round(sums[-1].item() / dt, 1),
+                        **peak_memory(run.device))]
             bar.set_postfix_str(" ".join(f"L{e} {x:.3f}" for e, x in losses.items()))
             bar.update()
             if val_ex and (step == total or (a.eval_interval and step % a.eval_interval == 0)):
@@ -342,7 +349,7 @@ def plan_memory(a, search: bool = True) -> dict:
     from scale.memory import plan_run
     return plan_run(lambda dtype, fake_world: start(a.device, dtype, a.activation_checkpointing, False, a.hsdp,
                                                     a.timeout, fake_world),
-                    lambda run, real: build(a, run, a.vocab_size if a.model == "tiny" else None, real),
+                    lambda run, real: build(a, run, a.vocab_size if a.model == "tiny" else None, real=real),
                     a.estimate, a.nproc, a.dtype, a.grad_clip, a.batch_size, a.max_seq_len, a.grad_accum,
                     a.gpu_memory, search)
 

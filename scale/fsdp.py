@@ -95,14 +95,14 @@ class Sharded:
                  fake_world: int | None = None, shard_size: int | None = None, timeout: float = 10):
         self.dtype, self.flags = dtype, dict(activation_checkpointing=activation_checkpointing, compile=compile)
         self.autocast = contextlib.nullcontext()  # FSDP casts the parameters itself (MixedPrecisionPolicy)
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        # start() has set this process's GPU: LOCAL_RANK's, or the only one it sees (SLURM --gpus-per-task=1)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if fake_world:
             from torch.distributed._tools import fake_collectives  # noqa: F401 (fake tensors through collectives)
             from torch.testing._internal.distributed.fake_pg import FakeStore
             dist.init_process_group("fake", rank=0, world_size=fake_world, store=FakeStore())
         else:
             if cuda:
-                torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32: nothing that matters is lost
                 torch.cuda.set_device(self.device)
             # device_id: NCCL binds to this GPU at once, rather than guessing it from the rank
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout),
@@ -179,6 +179,9 @@ class Sharded:
         mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for module in [*model.layers, model.tok_embeddings, *getattr(model, "exit_heads", {}).values()]:
             fully_shard(module, mesh=self.mesh, mp_policy=mp)
+        if hasattr(model.tok_embeddings, "set_unshard_in_backward"):  # torch >= 2.8
+            # an embedding's gradient needs the token ids, never the table: no all-gather of it in backward
+            model.tok_embeddings.set_unshard_in_backward(False)
         fully_shard(self.root, mesh=self.mesh, mp_policy=mp)
         self.root.to_empty(device=self.device)
         model.init_rope(self.device)
