@@ -110,7 +110,8 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # every key so far: (B, n_kv_heads, start_pos + T, head_dim)
         # query i sits at position start_pos + i and sees the keys up to there: causal from position 0, a shifted
         # triangle for a chunk on top of the cache, every key for a single new token
-        causal = mask is None and start_pos == 0 and T > 1
+        # (is_causal is a plain bool of start_pos: compiled with a symbolic length T, a test of T would break the graph)
+        causal = mask is None and start_pos == 0
         if mask is None and start_pos > 0 and T > 1:
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
         # grouped-query attention: query heads h*g..h*g+g-1 (g = n_heads / n_kv_heads) share key/value head h.
