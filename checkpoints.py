@@ -30,9 +30,12 @@ def read_json(path: str) -> dict:
 
 
 def resolve(path: str) -> str:
-    """Follow a training folder's `latest` link to the checkpoint it names."""
+    """Follow a training folder's `latest` link to the checkpoint it names (or take `latest` itself, where a copy
+    that followed links made it a folder)."""
     latest = os.path.join(path, "latest")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "params.json")) and os.path.exists(latest):
+        if not os.path.islink(latest):
+            return latest
         return os.path.join(path, os.readlink(latest))  # through the path as given: each node its own mount of it
     return path
 
@@ -136,6 +139,11 @@ def resume_point(latest: str, resume: bool) -> str | None:
     os.makedirs(os.path.dirname(latest), exist_ok=True)
     if resume and os.path.lexists(latest) and not os.path.exists(latest):
         raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
+    if resume and os.path.isdir(latest) and not os.path.islink(latest):  # the next checkpoint could not replace it
+        out, name = os.path.dirname(latest), f"step_{read_json(os.path.join(latest, 'params.json'))['step']:07d}"
+        fix = f"rm -r {latest}" if os.path.isdir(os.path.join(out, name)) else f"mv {latest} {os.path.join(out, name)}"
+        raise CheckpointError(f"{latest} is a folder, not the link the trainer makes (copied with links followed?): "
+                              f"to resume, make it one: {fix} && ln -s {name} {latest}")
     return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
 
 

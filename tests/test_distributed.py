@@ -424,3 +424,28 @@ def test_compile_under_fsdp_runs_every_block_whole_on_batches_of_any_length(tmp_
     for r in reports:
         assert r["breaks"] == 0 and 1 <= r["graphs"] <= 3, reports
 
+
+
+def test_backward_all_gathers_the_blocks_but_not_the_embeddings():
+    """An embedding's gradient needs the token ids, never the table: backward gathers each block's weights again
+    (resharded after forward) and not the embeddings'. On a fake process group of 2 ranks, collectives counted."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from conftest import tiny_args
+    from model import Transformer
+    from scale.fsdp import Sharded
+    run = Sharded(False, torch.float32, fake_world=2)
+    try:
+        model = run.build(lambda: Transformer(tiny_args(n_layers=3)))
+        if not hasattr(model.tok_embeddings, "set_unshard_in_backward"):
+            pytest.skip("this torch's FSDP2 cannot skip a module's all-gather in backward")
+        for p in model.parameters():
+            torch.nn.init.normal_(p.to_local(), std=0.02)
+        loss, _ = run.root(torch.randint(0, 400, (2, 8)), torch.arange(16), torch.randint(0, 400, (16,)), [2, 3],
+                           [1.0, 1.0])
+        with CommDebugMode() as comm:
+            loss.backward()
+        gathers = {str(op): n for op, n in comm.get_comm_counts().items() if "allgather" in str(op)}
+        assert sum(gathers.values()) == 3, gathers  # the 3 blocks
+    finally:
+        run.close()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import (ROOT, assert_close, assert_one_line_error, assert_usual_permissions, random_model, run_main,
                       tiny_args)
+from checkpoints import CheckpointError
 from data import batch_tensors, collate
 from scale.fused_ce import LinearCrossEntropy, SortedObjective, linear_cross_entropy
 from soft import sorted_loss
@@ -249,3 +250,52 @@ def test_a_run_started_anew_in_the_same_folder_never_leaves_latest_dangling(tmp_
     shutil.rmtree(os.path.join(out, "step_0000002+"))
     rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--out", out, "--resume")
     assert_one_line_error(rc, err, "latest names step_0000002+, which is missing")
+
+
+def test_a_training_folder_copied_with_links_followed_samples_exports_and_says_how_to_resume(tmp_path):
+    """shutil.copytree, cp -L, rsync -L and stores without links make `latest` a plain folder: sampling and export
+    read it as the checkpoint; a resume, whose next checkpoint could not replace it, says in one line how to make
+    it a link again, and resumes once it is one."""
+    out, copy = str(tmp_path / "o"), str(tmp_path / "copy")
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--out", out)
+    assert rc == 0, err
+    shutil.copytree(out, copy)  # links followed
+    assert not os.path.islink(os.path.join(copy, "latest"))
+    rc, _, err = run_main("generate.py", "--ckpt", copy, "--max_new_tokens", "3")
+    assert rc == 0, err
+    rc, _, err = run_main("load_llama.py", "export", copy, str(tmp_path / "hf"), "--layers", "2")
+    assert rc == 0, err
+    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", copy, "--resume")
+    assert_one_line_error(rc, err, "is a folder, not the link", "ln -s step_0000002")
+    shutil.rmtree(os.path.join(copy, "latest"))  # what the line says to do, step_0000002 being there too
+    os.symlink("step_0000002", os.path.join(copy, "latest"))
+    rc, out_text, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", copy, "--resume")
+    assert rc == 0 and "at step 2" in out_text, err
+
+
+def test_a_resume_does_not_read_the_init_weights_it_would_overwrite(tmp_path, tokenizer_path):
+    """--init names the run's first weights; a resumed run takes the checkpoint's instead and never reads --init's
+    (at 70B, minutes from a shared filesystem): here they are unreadable, and the resume still works."""
+    from checkpoints import save_model
+    from model import ModelArgs, Transformer
+    init, out = str(tmp_path / "init"), str(tmp_path / "o")
+    save_model(Transformer(ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=400)).state_dict(),
+               ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=400), init, tokenizer_path)
+    rc, _, err = run_main("sorted_train.py", *FAST, "--init", init, "--max_steps", "2", "--out", out)
+    assert rc == 0, err
+    with open(os.path.join(init, "model.safetensors"), "wb") as f:
+        f.write(b"not weights")
+    rc, stdout, err = run_main("sorted_train.py", *FAST, "--init", init, "--max_steps", "3", "--out", out, "--resume")
+    assert rc == 0 and "at step 2" in stdout, err
+
+
+def test_the_fit_is_checked_per_shard_group(monkeypatch):
+    """Under HSDP a GPU holds 1/shard-size of the model, not 1/world: 13B's 16 bytes a parameter (about 194 GiB)
+    fit 20 GiB shards over 16 processes, not over a group of 8."""
+    from model import PRESETS, ModelArgs
+    from scale import memory
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 20 * 2 ** 30 // 4096)
+    args = ModelArgs(**PRESETS["13B"])
+    memory.check_fits(args, 0, False, 16, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="sharded over 8 process"):
+        memory.check_fits(args, 0, False, 8, torch.device("cpu"))
