@@ -143,9 +143,9 @@ def main(argv=None):
         model = load_model(a.ckpt, device=device, dtype=dtype)
         tokenizer = load_tokenizer(a.tokenizer or a.ckpt)
         check_vocab(model, tokenizer, a.ckpt)
-        n, exits = model.args.n_layers, trained_exits(a.ckpt, model.args.n_layers)
+        n = model.args.n_layers
         depths = [n if a.layers is None else a.layers] if a.compare is None else \
-            exits if a.compare == "exits" else parse_depths(a.compare, n, "--compare")
+            trained_exits(a.ckpt, n) if a.compare == "exits" else parse_depths(a.compare, n, "--compare")
         if not 1 <= depths[0] <= n:
             raise FlagError(f"--layers {a.layers}: depth {depths[0]} is outside 1..{n} (the model has {n} layers)")
         text = a.prompt if a.raw else alpaca_prompt(a.prompt, a.input)
@@ -156,7 +156,7 @@ def main(argv=None):
         decode, label, stats = generate_plain, None, {}
         if a.compile or a.num_samples > 1 or a.draft_layers is not None or a.early_exit is not None:
             from decoding import cli  # the fast decoders take their flags from here
-            decode, label = cli.fast_decoder(n, exits, a.compile, a.draft_layers, a.num_speculations,
+            decode, label = cli.fast_decoder(n, trained_exits(a.ckpt, n), a.compile, a.draft_layers, a.num_speculations,
                                              a.draft_confidence, a.early_exit, a.layers is not None or
                                              a.compare is not None, stats)
     except (CheckpointError, DataError, FlagError) as e:

@@ -157,8 +157,8 @@ def build(a, run, vocab_size: int | None, resume_from: str | None = None, real: 
     resume_from: no first weights, that checkpoint's replace them."""
     args = model_args(a, vocab_size)
     exits, loss_exits, loss_weights, heads = objective(a, args.n_layers)
-    if real:  # refuse, before taking any memory, a model that cannot fit (scale/memory.py)
-        from scale.memory import check_fits
+    if real:  # refuse, before taking any memory, a model that cannot fit (scale/fit.py)
+        from scale.fit import check_fits
         check_fits(args, len(heads), a.mode == "ict", run.shard_size, run.device)
     model = run.build(lambda: new_model(args, heads, not a.no_exit_norm, frozen_trunk=a.mode == "ict"))
     if real and not resume_from:

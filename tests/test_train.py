@@ -293,9 +293,9 @@ def test_the_fit_is_checked_per_shard_group(monkeypatch):
     """Under HSDP a GPU holds 1/shard-size of the model, not 1/world: 13B's 16 bytes a parameter (about 194 GiB)
     fit 20 GiB shards over 16 processes, not over a group of 8."""
     from model import PRESETS, ModelArgs
-    from scale import memory
-    monkeypatch.setattr(memory.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 20 * 2 ** 30 // 4096)
+    from scale import fit
+    monkeypatch.setattr(fit.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 20 * 2 ** 30 // 4096)
     args = ModelArgs(**PRESETS["13B"])
-    memory.check_fits(args, 0, False, 16, torch.device("cpu"))
+    fit.check_fits(args, 0, False, 16, torch.device("cpu"))
     with pytest.raises(CheckpointError, match="sharded over 8 process"):
-        memory.check_fits(args, 0, False, 8, torch.device("cpu"))
+        fit.check_fits(args, 0, False, 8, torch.device("cpu"))
