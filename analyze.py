@@ -219,7 +219,7 @@ def plot(results: list[dict], path: str):
     plt.close(fig)
 
 
-# --- the paper's setting in miniature: a base model pretrained on plain text (data.corpus) with the next-token
+# --- the paper's setting in miniature: a base model pretrained on plain text (tasks.corpus) with the next-token
 # loss, then fine-tuned on the instruction tasks by SoFT, SFT and SFT+ICT with the same number of steps
 
 def runs(pretrain_steps: int, steps: int, ict_steps: int) -> dict:

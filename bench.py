@@ -34,11 +34,11 @@ from data import DataError, alpaca_prompt, held_out
 from flags import FlagError, parse_depths
 from generate import generate, generate_batch
 from load_llama import hf_config, hf_state_dict, load_model
-from tasks import exact_match
-from tokenizer import load_tokenizer
 from model import ModelArgs, Transformer, default_exits, init_weights
 from scale.fused_ce import SortedObjective
 from soft import sorted_loss
+from tasks import exact_match
+from tokenizer import load_tokenizer
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:

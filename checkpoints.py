@@ -123,7 +123,7 @@ def publish(out: str, tmp: str, name: str):
 
 def save_checkpoint(out: str, step: int, run, model, opt, tokenizer_path: str, **params):
     """out/step_NNNNNNN/: what load_model reads, and the training state; written under a temporary name, then
-    published (a crash at any point leaves the previous one current). run: sorted_train's OneProcess, or scale/'s
+    published (a crash at any point leaves the previous one current). run: one_process.OneProcess, or scale/'s
     Sharded, where every process writes its part and rank 0 names and publishes."""
     name = run.decide(lambda: new_checkpoint(out, step))  # rank 0's view of the folder, whatever the others see
     tmp = os.path.join(out, ".tmp_" + name)
@@ -139,11 +139,15 @@ def resume_point(latest: str, resume: bool) -> str | None:
     os.makedirs(os.path.dirname(latest), exist_ok=True)
     if resume and os.path.lexists(latest) and not os.path.exists(latest):
         raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
-    if resume and os.path.isdir(latest) and not os.path.islink(latest):  # the next checkpoint could not replace it
-        out, name = os.path.dirname(latest), f"step_{read_json(os.path.join(latest, 'params.json'))['step']:07d}"
+    if os.path.isdir(latest) and not os.path.islink(latest):  # a new checkpoint could not replace it
+        step = read_json(os.path.join(latest, "params.json")).get("step")
+        if not isinstance(step, int):
+            raise CheckpointError(f"{latest} is a folder, not the link the trainer makes, and its params.json names "
+                                  "no step: move it away, or train in another --out")
+        out, name = os.path.dirname(latest), f"step_{step:07d}"
         fix = f"rm -r {latest}" if os.path.isdir(os.path.join(out, name)) else f"mv {latest} {os.path.join(out, name)}"
         raise CheckpointError(f"{latest} is a folder, not the link the trainer makes (copied with links followed?): "
-                              f"to resume, make it one: {fix} && ln -s {name} {latest}")
+                              f"to train or resume here, make it one: {fix} && ln -s {name} {latest}")
     return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
 
 

@@ -24,7 +24,7 @@ from tokenizer import check_vocab, load_tokenizer
 
 
 @torch.no_grad()
-def generate_plain(model: Transformer, prompt_ids: list[int], max_new_tokens: int, layers: int | None = None,
+def generate_plain(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, layers: int | None = None,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    eos_id: int | None = None, seed: int | None = None, on_token=None) -> list[int]:
     """The new token ids (without the EOS that stopped them) of the depth-`layers` sub-model (default: all layers);
@@ -72,7 +72,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
                              top_p=top_p, eos_id=eos_id, seed=seed, on_token=on_token, compile=compile,
                              draft_layers=draft_layers, num_speculations=num_speculations,
                              draft_confidence=draft_confidence, early_exit=early_exit, exits=exits, stats=stats)
-    return generate_plain(model, prompt_ids, max_new_tokens, layers, temperature, top_k, top_p, eos_id, seed, on_token)
+    return generate_plain(model, prompt_ids, max_new_tokens, layers=layers, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_id=eos_id, seed=seed, on_token=on_token)
 
 
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:

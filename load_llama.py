@@ -367,7 +367,6 @@ def export(src: str, dst: str, layers: int | None = None, dtype=None):
     return config
 
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -175,7 +175,10 @@ def start(device: str, dtype: str, activation_checkpointing: bool, compile: bool
     run). --dtype auto is bfloat16 on a GPU that has it, float32 elsewhere (the paper's V100s have none)."""
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:  # each process on its own GPU before anything touches one; where a process sees one GPU, that one
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if visible > 1 and local >= visible:
+            raise FlagError(f"LOCAL_RANK {local}: this node shows {visible} GPUs; --nproc_per_node is at most that")
+        torch.cuda.set_device(local if visible > 1 else 0)
         torch.set_float32_matmul_precision("high")  # float32 matmuls in TF32: nothing that matters is lost
     bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bfloat16 is slow, not bfloat16
     dtype = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if bf16 else torch.float32
@@ -360,7 +363,10 @@ def main(argv=None):
     a = get_args(argv)
     try:
         check_flags(a)
-        plan_memory(a) if a.estimate or a.measure_memory else train(a)
+        if a.estimate or a.measure_memory:
+            plan_memory(a)
+        else:
+            train(a)
     except (DataError, FlagError, CheckpointError, OSError) as e:  # one line; under torchrun from the process met it
         rank = os.environ.get("RANK")
         if not rank or not getattr(e, "decided", False) or rank == "0":  # rank 0's decisions: once, by rank 0

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from checkpoints import CheckpointError
+from flags import FlagError
 from model import ModelArgs
 
 
@@ -19,7 +19,7 @@ def check_fits(args: ModelArgs, n_heads: int, frozen_trunk: bool, shard_size: in
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if need > have:
-        raise CheckpointError(f"{n_all / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB per process for "
+        raise FlagError(f"{n_all / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB per process for "
                               f"float32 weights, gradients and AdamW sharded over {shard_size} process(es), more "
                               f"than the {have / 2**30:.0f} GiB here: use more GPUs with torchrun, or larger --hsdp "
                               "groups (plan it with --estimate --nproc N)")

@@ -3,7 +3,7 @@
 The order is torchtitan's (github.com/pytorch/torchtitan): build the model on the meta device, make each block
 recompute its activations in backward and compile it, fully_shard each block and then the root, give the shards
 memory, keep float32 master weights and compute in bfloat16 (MixedPrecisionPolicy). `Sharded` is what
-sorted_train.py's `OneProcess` is for one process: the same methods, for one process among many.
+one_process.py's `OneProcess` is for one process: the same methods, for one process among many.
 """
 import contextlib
 import os
@@ -113,7 +113,7 @@ class Sharded:
         # the mesh is built before any FakeTensorMode: building it reads real tensors
         shard_size = self.shard_size = shard_size or self.world
         if self.world % shard_size:
-            raise ValueError(f"--hsdp {shard_size}: it must divide the {self.world} processes")
+            raise FlagError(f"--hsdp {shard_size}: a shard group's size must divide the {self.world} processes")
         self.mesh = init_device_mesh(self.device.type, (self.world,)) if shard_size == self.world else \
             init_device_mesh(self.device.type, (self.world // shard_size, shard_size), mesh_dim_names=("replicate",
                                                                                                       "shard"))
@@ -165,10 +165,12 @@ class Sharded:
                               "it must be one folder on a filesystem every node shares")
             error.decided = True
             raise error
+
     def build(self, make_model):
         """The model on the meta device, each block wrapped, sharded in groups, then given float32 memory for this
         process's shards. A group is gathered whole for its forward and again for its backward, and freed between
-        and after: each block; the embeddings (the first forward, the last backward); each exit's own norm and head,
+        and after: each block; the embeddings (for the first forward only: their gradient needs no weights); each
+        exit's own norm and head,
         if it has one (seven at 13B would otherwise stay whole on every GPU through the step, 2.3 GB). The root, the
         objective, holds the rest, the shared final norm and output head, which every exit reads from the first
         one's loss on and the backward needs at once: gathered once a step."""

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import (ROOT, assert_close, assert_one_line_error, assert_usual_permissions, random_model, run_main,
-                      tiny_args)
-from checkpoints import CheckpointError
+                      run_script, tiny_args)
 from data import batch_tensors, collate
+from flags import FlagError
 from scale.fused_ce import LinearCrossEntropy, SortedObjective, linear_cross_entropy
 from soft import sorted_loss
 
@@ -265,8 +265,9 @@ def test_a_training_folder_copied_with_links_followed_samples_exports_and_says_h
     assert rc == 0, err
     rc, _, err = run_main("load_llama.py", "export", copy, str(tmp_path / "hf"), "--layers", "2")
     assert rc == 0, err
-    rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", copy, "--resume")
-    assert_one_line_error(rc, err, "is a folder, not the link", "ln -s step_0000002")
+    for resume in (["--resume"], []):  # a new run here too: its first checkpoint could not replace `latest`
+        rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", copy, *resume)
+        assert_one_line_error(rc, err, "is a folder, not the link", "ln -s step_0000002")
     shutil.rmtree(os.path.join(copy, "latest"))  # what the line says to do, step_0000002 being there too
     os.symlink("step_0000002", os.path.join(copy, "latest"))
     rc, out_text, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", copy, "--resume")
@@ -297,5 +298,10 @@ def test_the_fit_is_checked_per_shard_group(monkeypatch):
     monkeypatch.setattr(fit.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 20 * 2 ** 30 // 4096)
     args = ModelArgs(**PRESETS["13B"])
     fit.check_fits(args, 0, False, 16, torch.device("cpu"))
-    with pytest.raises(CheckpointError, match="sharded over 8 process"):
+    with pytest.raises(FlagError, match="sharded over 8 process"):
         fit.check_fits(args, 0, False, 8, torch.device("cpu"))
+
+
+def test_an_hsdp_group_that_does_not_divide_the_processes_is_refused():
+    rc, _, err = run_script("sorted_train.py", "--estimate", "--nproc", "8", "--hsdp", "3")
+    assert_one_line_error(rc, err, "--hsdp 3", "divide the 8 processes")
