@@ -14,7 +14,7 @@ SCRIPTS = ("sorted_train", "analyze", "bench")  # command-line programs: nothing
 MODULES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + [p for layer in LAYERS
                                                           for p in glob.glob(os.path.join(ROOT, layer, "*.py"))])
 SOURCES = MODULES + sorted(glob.glob(os.path.join(ROOT, "tests", "*.py")) +
-                           glob.glob(os.path.join(ROOT, "scripts", "*")))
+                           [p for p in glob.glob(os.path.join(ROOT, "scripts", "*")) if os.path.isfile(p)])
 
 
 def imports(path: str):
