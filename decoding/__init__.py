@@ -2,7 +2,8 @@
 
   step.py         one step through a range of layers, eager or through compiled graphs over a static KV cache
   batch.py        several prompts decoded together (generate_batch), left-padded, each row masked
-  speculative.py  self-speculative decoding: the first K layers draft, the full model verifies
+  speculative.py  self-speculative decoding, one prompt or a batch: the first K layers draft, the full model
+                  verifies, each row of a batch at its own column of one cache
   early_exit.py   each token leaves at the first exit confident enough
   cli.py          generate.py's flags for them
 """

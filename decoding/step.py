@@ -71,16 +71,16 @@ def layers_fn(model: Transformer, compile: bool = False):
     costs once per process.
     """
     def step(x, pos, first, last, pad, every, end):
-        """end: where the last real token of x is (a tensor (1,) when compiled, so that padding costs no graph)."""
+        """end: where the last real token of x is (a tensor (1,) when compiled, so that padding costs no graph; None:
+        the last position)."""
         if not isinstance(pos, int):
             h = decode_step(model, x, pos, first, last, pad)
         else:
             positions, mask = (None, None) if pad is None else padding_masks(pad, pos, x.size(1), x.device)
             h = model.run_layers(model.tok_embeddings(x) if first == 0 else x, pos, first, last, positions, mask)
-        return h, model.head(h if every else h.index_select(1, end), last)
+        return h, model.head(h if every else h[:, -1:] if end is None else h.index_select(1, end), last)
     if not compile:
-        return lambda x, pos, first, last, pad=None, every=False: step(
-            x, pos, first, last, pad, every, torch.tensor([x.size(1) - 1], device=x.device))
+        return lambda x, pos, first, last, pad=None, every=False: step(x, pos, first, last, pad, every, None)
     if getattr(model, "compiled_step", None) is None:
         # a graph per range of layers, chunk size and batch size: more than dynamo's default of 8 for one
         # function; the setting's name differs across torch versions
