@@ -3,6 +3,8 @@ speed-ups, and the cost of a SoFT train step.
 
   python bench.py                                  # both, on random LLaMA-shaped weights (dim 1024, 16 layers)
   python bench.py --only decode --ckpt out         # the trained demo: task prompts, accuracy, speed-ups
+  python bench.py --only decode --ckpt out --compile --cycles 2,3   # and where a speculative cycle's time goes
+  python bench.py --only batch --ckpt out --draft_layers 2 --batches 1,4,16,64   # batched self-speculation
   python bench.py --only train                     # sorted vs sft vs transformers, 13B's shape scaled down
   python bench.py --json bench.json --plot bench.png
 
@@ -12,7 +14,10 @@ exit (against the ideal speed-up, bytes(full) / bytes(k), that the weights read 
 self-speculative decoding drafting with each exit, confidence-based early exit at a few thresholds, transformers'
 generate on the same weights and, where the installed version has it, its assistant_early_exit self-speculation.
 With a checkpoint trained on the built-in tasks the prompts are held-out tasks: each configuration's answers are
-checked for exact match and against the full model's greedy answers.
+checked for exact match and against the full model's greedy answers. Besides end to end, the decode phase (from
+the first new token to the last: the prompt's pass, which speculation leaves alone, apart) on the long answers.
+--cycles K1,K2: where a self-speculative decode's time goes (drafting, verifying, the rest) and the limit that
+measured step times allow. --only batch --draft_layers K: batched self-speculation against batched full depth.
 
 Train step: forward, backward and AdamW step of --mode sorted (8 exits, like 13B's 12..40) and --mode sft on
 a model with 13B's depth and vocabulary-to-width ratio, and transformers' LlamaForCausalLM doing the same
