@@ -222,8 +222,8 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     tps = {(name, w): sum(len(results[name][0][i]) for i in workloads[w]) / seconds[name, w] for name, w in seconds}
     last = list(workloads)[-1]  # the decoding-bound workload: its decode phase, and the comparison with the ideal
     # the decode phase: the tokens after the first (which the prompt's pass gives) over the time from first to last
-    decode_tps = {name: sum(max(len(results[name][0][i]) - 1, 0) for i in workloads[last]) / decode_s[name, last]
-                  for name in configs}
+    decode_tps = {name: sum(max(len(results[name][0][i]) - 1, 0) for i in workloads[last])
+                  / max(decode_s[name, last], 1e-9) for name in configs}  # 0 where every answer is one token
     full_outs, args = results[f"depth {n}"][0], model.args
     timed_on = (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on "
                 f"{len(workloads.get('long answers', []))} with answers of 6+ tokens; answers checked on "

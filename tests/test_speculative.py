@@ -232,8 +232,12 @@ def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
     """bench.py on the trained checkpoint: every configuration runs, the lossless ones match full depth."""
     report = str(tmp_path / "bench.json")
     rc, out, err = run_main("bench.py", "--only", "decode", "--ckpt", trained_dir, "--num_eval", "12",
-                              "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report)
+                              "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report,
+                              "--cycles", "2")
     assert rc == 0, err
+    cycles = json.load(open(report))["cycles"]
+    assert [r["K"] for r in cycles] == [2] and cycles[0]["limit"] > 1 and cycles[0]["acceptance"] > 0
+    assert abs(cycles[0]["share_draft"] + cycles[0]["share_verify"] + cycles[0]["share_other"] - 1) < 0.01
     rows = {r["name"]: r for r in json.load(open(report))["decode"]}
     n = 4  # layers of the FAST model, trained exits 2, 3, 4
     assert {"depth 2", f"depth {n}", "self-speculative K=3", "early exit 0", "HF generate"} <= set(rows)
@@ -247,10 +251,11 @@ def test_bench_batch_decodes_the_batch_1_answers_at_every_size(trained_dir, tmp_
     """bench.py --only batch on the trained checkpoint: both workloads, every batch size gives batch 1's answers."""
     report = str(tmp_path / "bench.json")
     rc, out, err = run_main("bench.py", "--only", "batch", "--ckpt", trained_dir, "--num_eval", "48",
-                            "--batches", "1,3,8", "--rounds", "1", "--json", report)
+                            "--batches", "1,3,8", "--rounds", "1", "--json", report, "--draft_layers", "2")
     assert rc == 0, err
     workloads = json.load(open(report))["batch"]
     assert len(workloads) == 2  # the task mix and the long answers
     for rows in workloads.values():
-        assert [(r["batch"], r["compiled"]) for r in rows] == [(1, False), (3, False), (8, False)]
+        assert [(r["batch"], r["compiled"], r["draft_layers"]) for r in rows] == \
+            [(b, False, k) for k in (None, 2) for b in (1, 3, 8)]
         assert all(r["identical_to_batch_1"] and r["tokens_per_s"] > 0 for r in rows)
