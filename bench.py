@@ -3,6 +3,8 @@ speed-ups, and the cost of a SoFT train step.
 
   python bench.py                                  # both, on random LLaMA-shaped weights (dim 1024, 16 layers)
   python bench.py --only decode --ckpt out         # the trained demo: task prompts, accuracy, speed-ups
+  python bench.py --only decode --ckpt out --compile --cycles 2,3   # and where a speculative cycle's time goes
+  python bench.py --only batch --ckpt out --draft_layers 2 --batches 1,4,16,64   # batched self-speculation
   python bench.py --only train                     # sorted vs sft vs transformers, 13B's shape scaled down
   python bench.py --json bench.json --plot bench.png
 
@@ -12,7 +14,10 @@ exit (against the ideal speed-up, bytes(full) / bytes(k), that the weights read 
 self-speculative decoding drafting with each exit, confidence-based early exit at a few thresholds, transformers'
 generate on the same weights and, where the installed version has it, its assistant_early_exit self-speculation.
 With a checkpoint trained on the built-in tasks the prompts are held-out tasks: each configuration's answers are
-checked for exact match and against the full model's greedy answers.
+checked for exact match and against the full model's greedy answers. Besides end to end, the decode phase (from
+the first new token to the last: the prompt's pass, which speculation leaves alone, apart) on the long answers.
+--cycles K1,K2: where a self-speculative decode's time goes (drafting, verifying, the rest) and the limit that
+measured step times allow. --only batch --draft_layers K: batched self-speculation against batched full depth.
 
 Train step: forward, backward and AdamW step of --mode sorted (8 exits, like 13B's 12..40) and --mode sft on
 a model with 13B's depth and vocabulary-to-width ratio, and transformers' LlamaForCausalLM doing the same
@@ -32,6 +37,8 @@ import torch
 from checkpoints import CheckpointError, read_json, resolve, trained_exits
 from data import DataError, alpaca_prompt, held_out
 from flags import FlagError, parse_depths
+from decoding.speculative import speculate
+from decoding.step import layers_fn, open_cache
 from generate import generate, generate_batch
 from load_llama import hf_config, hf_state_dict, load_model
 from model import ModelArgs, Transformer, default_exits, init_weights
@@ -79,19 +86,25 @@ def interleaved(configs: dict, rounds: int) -> tuple[dict, dict]:
     return ({name: statistics.median(t) for name, t in times.items()}, {name: min(t) for name, t in times.items()})
 
 
-def interleaved_by_item(configs: dict, items: list, rounds: int) -> dict:
-    """Median over rounds of each configuration's seconds for all items, the configurations taking turns item
-    by item, in an order that rotates, so that a slow spell of the machine falls on all of them alike."""
-    names, times = list(configs), {name: [] for name in configs}
+def interleaved_by_item(configs: dict, items: list, rounds: int) -> tuple[dict, dict]:
+    """Median over rounds of each configuration's seconds for all items, end to end and in the decode phase (the
+    "decode_s" its stats report: from the first new token to the last), the configurations taking turns item by
+    item, in an order that rotates, so that a slow spell of the machine falls on all of them alike."""
+    names, times, decode = list(configs), {name: [] for name in configs}, {name: [] for name in configs}
     for r in range(rounds):
-        total = dict.fromkeys(names, 0.0)
+        total, phase = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
         for j, item in enumerate(items):
             first = (r * len(items) + j) % len(names)
             for name in names[first:] + names[:first]:
-                total[name] += timed(lambda: configs[name](item))
+                t0 = time.perf_counter()
+                _, stats = configs[name](item)
+                total[name] += time.perf_counter() - t0
+                phase[name] += sum(s.get("decode_s", float("nan")) for s in stats)
         for name in names:
             times[name].append(total[name])
-    return {name: statistics.median(t) for name, t in times.items()}
+            decode[name].append(phase[name])
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: statistics.median(t) for name, t in decode.items()})
 
 
 # --- decoding
@@ -129,7 +142,10 @@ def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num
             outs, stats = [], []
             for p in ps:
                 stats.append({})
-                outs.append(generate(model, p, max_new, eos_id=eos, stats=stats[-1], **kw))
+                seen = []  # when each new token came: the decode phase is from the first to the last
+                outs.append(generate(model, p, max_new, eos_id=eos, stats=stats[-1],
+                                     on_token=lambda _: seen.append(time.perf_counter()), **kw))
+                stats[-1]["decode_s"] = seen[-1] - seen[0] if seen else 0.0
             return outs, stats
         return run
 
@@ -197,11 +213,17 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
             t0 = time.perf_counter()
             results[name] = fn(prompts)
             first_pass[name] = time.perf_counter() - t0
-        seconds = {}
+        seconds, decode_s = {}, {}
         for w, idx in workloads.items():
             per_prompt = {name: (lambda i, fn=fn: fn([prompts[i]])) for name, fn in configs.items()}
-            seconds.update({(name, w): s for name, s in interleaved_by_item(per_prompt, idx, rounds).items()})
+            total, phase = interleaved_by_item(per_prompt, idx, rounds)
+            seconds.update({(name, w): s for name, s in total.items()})
+            decode_s.update({(name, w): s for name, s in phase.items()})
     tps = {(name, w): sum(len(results[name][0][i]) for i in workloads[w]) / seconds[name, w] for name, w in seconds}
+    last = list(workloads)[-1]  # the decoding-bound workload: its decode phase, and the comparison with the ideal
+    # the decode phase: the tokens after the first (which the prompt's pass gives) over the time from first to last
+    decode_tps = {name: sum(max(len(results[name][0][i]) - 1, 0) for i in workloads[last])
+                  / max(decode_s[name, last], 1e-9) for name in configs}  # 0 where every answer is one token
     full_outs, args = results[f"depth {n}"][0], model.args
     timed_on = (f"timed on {len(workloads['all tasks'])} held-out task prompts, and on "
                 f"{len(workloads.get('long answers', []))} with answers of 6+ tokens; answers checked on "
@@ -211,16 +233,21 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
           f"{args.vocab_size}, float32, batch 1, greedy; {timed_on}; {torch.get_num_threads()} threads, median of "
           f"{rounds} rounds, configurations interleaved prompt by prompt")
     print(f"{'configuration':<28}" + "".join(f"{w + ' tok/s':>20}{'x':>6}" for w in workloads)
-          + f"{'ideal':>7}{'of ideal':>9}{'accept':>8}{'mean exit':>10}{'= full':>7}"
+          + f"{'decode phase':>13}{'x':>6}{'x mode':>7}{'ideal':>7}{'of ideal':>9}{'accept':>8}{'mean exit':>10}"
+          + f"{'= full':>7}"
           + (f"{'accuracy':>9}" if refs else ""))
     rows = []
-    last = list(workloads)[-1]  # the decoding-bound workload, for the comparison with the ideal
     for name in configs:
         outs, stats = results[name]
         row = dict(name=name, identical_to_full=outs == full_outs)
         for w in workloads:
             row[f"tokens_per_s ({w})"] = round(tps[name, w], 2)
             row[f"speedup ({w})"] = round(tps[name, w] / tps[f"depth {n}", w], 3)
+        # the decode phase of the last workload, against full depth, and against the same mode's (eager or compiled)
+        same_mode = f"compiled depth {n}" if name.startswith("compiled") else f"depth {n}"
+        row[f"decode_tokens_per_s ({last})"] = round(decode_tps[name], 2)
+        row[f"decode_speedup ({last})"] = round(decode_tps[name] / decode_tps[f"depth {n}"], 3)
+        row[f"decode_speedup_same_mode ({last})"] = round(decode_tps[name] / decode_tps[same_mode], 3)
         if name.startswith("depth"):
             d = int(name.split()[1])
             row["ideal"] = round(weight_bytes(model, n) / weight_bytes(model, d), 3)
@@ -238,6 +265,8 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
         rows.append(row)
         print(f"{name:<28}"
               + "".join(f"{row[f'tokens_per_s ({w})']:>20.1f}{row[f'speedup ({w})']:>6.2f}" for w in workloads)
+              + f"{decode_tps[name]:>13.1f}{row[f'decode_speedup ({last})']:>6.2f}"
+              + f"{row[f'decode_speedup_same_mode ({last})']:>7.2f}"
               + (f"{row['ideal']:>7.2f}{row['of_ideal']:>9.0%}" if "ideal" in row else " " * 16)
               + (f"{row['acceptance']:>8.0%}" if "acceptance" in row else " " * 8)
               + (f"{row['mean_exit_depth']:>10.2f}" if "mean_exit_depth" in row else " " * 10)
@@ -247,32 +276,136 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     return rows
 
 
-def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int], rounds: int,
-                compile: bool = False) -> list[dict]:
-    """The same prompts decoded at full depth in batches of each size (generate_batch), eagerly and, with compile,
-    through the compiled graphs too, timed in interleaved rounds: tokens/s (answer tokens only, not what a row
-    that has stopped computes meanwhile) against eager batch 1, and against the same mode's batch 1."""
-    def run(b, compiled):
-        return lambda: [out for s in range(0, len(prompts), b)
-                        for out in generate_batch(model, prompts[s:s + b], max_new, eos_id=eos, compile=compiled)]
-    configs = {(b, c): run(b, c) for c in ([False, True] if compile else [False]) for b in batches}
+def step_seconds(fn, calls: int = 50) -> float:
+    """Median seconds of one call of fn, over calls after a warm-up."""
+    fn()
+    return statistics.median(timed(fn) for _ in range(calls))
+
+
+def bench_cycle(model, prompts, drafts: list[int], N: int, confidence: float, max_new: int, eos, compile: bool,
+                rounds: int) -> list[dict]:
+    """Where a batch-1 self-speculative decode's time goes (the prompt's pass, drafting, verifying, and the rest:
+    sampling, acceptance and bookkeeping), and the limit that measured layer passes allow: a full-depth token costs
+    one full-depth step; a cycle of N drafts all accepted costs N + 1 draft steps (K layers and the head, one token)
+    and one verification (L - K layers and the head on N + 1 tokens) for N + 1 tokens."""
+    L, device = model.args.n_layers, model.output.weight.device
+    layers = layers_fn(model, compile)
+    mode = "compiled" if compile else "eager"
+    rows = []
     with torch.inference_mode():
-        outs = {key: fn() for key, fn in configs.items()}  # untimed: the warm-up (compiling), and the answers
-        seconds, _ = interleaved(configs, rounds)
-    first = (batches[0], False)
+        # one-token steps at a column halfway into a cache of the size these decodes use
+        size, col = max(map(len, prompts)) + max_new, max(map(len, prompts))
+        x1, pos = torch.tensor([[5]]), torch.tensor([col])
+        open_cache(model, 1, size, static=compile)  # the full-depth baseline: the plain cache, eager
+        full = step_seconds(lambda: layers(x1, col if not compile else pos, 0, L))
+        model.drop_cache()
+        for K in drafts:
+            spent = dict.fromkeys(("prefill", "draft", "verify", "total"), 0.0)
+
+            def timed_layers(x, p, first, last, pad=None, every=False):
+                t0 = time.perf_counter()
+                result = layers(x, p, first, last, pad, every)
+                spent["prefill" if last == L and first == 0 else "draft" if first == 0 else "verify"] += \
+                    time.perf_counter() - t0
+                return result
+            stats = {}
+            for r in range(rounds + 1):  # the first round warms up (and compiles)
+                if r == 1:
+                    spent = dict.fromkeys(spent, 0.0)
+                for p in prompts:
+                    open_cache(model, 1, len(p) + max_new, static=True)
+                    t0 = time.perf_counter()
+                    speculate(model, torch.tensor([p], device=device), None, timed_layers, K=K, N=N,
+                              confidence=confidence, max_new=max_new, eos_id=eos, sampling=(0.0, None, None, None),
+                              stats=stats)
+                    spent["total"] += time.perf_counter() - t0
+                    model.drop_cache()
+            open_cache(model, 1, size, static=True)
+            h = torch.zeros(1, N + 1, model.args.dim)
+            draft = step_seconds(lambda: layers(x1, pos, 0, K))
+            verify = step_seconds(lambda: layers(h, pos, K, L, every=True))
+            model.drop_cache()
+            limit = (N + 1) * full / ((N + 1) * draft + verify)
+            other = spent["total"] - spent["prefill"] - spent["draft"] - spent["verify"]
+            decode = spent["total"] - spent["prefill"]
+            rows.append(dict(mode=mode, K=K, full_step_ms=round(full * 1e3, 3), draft_step_ms=round(draft * 1e3, 3),
+                             verify_ms=round(verify * 1e3, 3), limit=round(limit, 2),
+                             share_draft=round(spent["draft"] / decode, 3),
+                             share_verify=round(spent["verify"] / decode, 3), share_other=round(other / decode, 3),
+                             acceptance=round(stats["acceptance"], 3)))
+    print(f"\nself-speculative cycles, batch 1, {mode}, N={N} drafts a cycle at most, confidence {confidence}: one "
+          f"step's time (median of 50), the limit they allow (N drafts all accepted: (N+1) full steps against N+1 "
+          f"draft steps and one verification of N+1 tokens), and where the decode phase's time went on "
+          f"{len(prompts)} prompts ({rounds} rounds)")
+    print(f"{'K':>3}{'full step ms':>14}{'draft step ms':>15}{'verify ms':>11}{'limit':>7}{'drafting':>10}"
+          f"{'verifying':>11}{'the rest':>10}{'accept':>8}")
+    for r in rows:
+        print(f"{r['K']:>3}{r['full_step_ms']:>14.3f}{r['draft_step_ms']:>15.3f}{r['verify_ms']:>11.3f}"
+              f"{r['limit']:>7.2f}{r['share_draft']:>10.0%}{r['share_verify']:>11.0%}{r['share_other']:>10.0%}"
+              f"{r['acceptance']:>8.0%}")
+    return rows
+
+
+def bench_batch(model, label: str, prompts, max_new: int, eos, batches: list[int], rounds: int,
+                compile: bool = False, draft_layers: int | None = None, num_speculations: int = 8,
+                draft_confidence: float = 0.0) -> list[dict]:
+    """The same prompts decoded in batches of each size (generate_batch), at full depth and, with draft_layers,
+    self-speculatively, eagerly and, with compile, through the compiled graphs too, timed in interleaved rounds:
+    tokens/s (answer tokens only, not what a row that has stopped computes meanwhile) against eager batch 1, against
+    the same mode's batch 1, and (speculation) against the same batch at full depth, end to end and in the decode
+    phase (from a batch's first new token to its last: the prompts' pass, which speculation leaves alone, apart)."""
+    def run(b, compiled, K):
+        draft = dict(draft_layers=K, num_speculations=num_speculations, draft_confidence=draft_confidence) if K else {}
+
+        def decode():
+            outs, phase = [], 0.0
+            for s in range(0, len(prompts), b):
+                seen = []
+                outs += generate_batch(model, prompts[s:s + b], max_new, eos_id=eos, compile=compiled,
+                                       on_token=lambda row, t: seen.append(time.perf_counter()), **draft)
+                phase += seen[-1] - seen[0] if seen else 0.0
+            return outs, phase
+        return decode
+    configs = {(b, c, K): run(b, c, K) for c in ([False, True] if compile else [False])
+               for K in [None] + ([draft_layers] if draft_layers else []) for b in batches}
+    with torch.inference_mode():
+        outs = {key: fn()[0] for key, fn in configs.items()}  # untimed: the warm-up (compiling), and the answers
+        times, phases = {key: [] for key in configs}, {key: [] for key in configs}
+        for _ in range(rounds):  # round-robin, so that drift hits all alike
+            for key, fn in configs.items():
+                t0 = time.perf_counter()
+                phase = fn()[1]
+                times[key].append(time.perf_counter() - t0)
+                phases[key].append(phase)
+    seconds = {key: statistics.median(t) for key, t in times.items()}
+    decode_s = {key: statistics.median(t) for key, t in phases.items()}
+    first = (batches[0], False, None)
     n_tokens = sum(len(o) for o in outs[first])
     print(f"\nbatched decoding: {label}; {len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} "
-          f"tokens, {n_tokens} answer tokens in all, full depth, greedy, median of {rounds} rounds")
-    print(f"{'batch':>6}{'mode':>10}{'tok/s':>10}{'x eager 1':>11}{'x same 1':>10}{'= eager 1':>11}")
+          f"tokens, {n_tokens} answer tokens in all, greedy, median of {rounds} rounds; speculation drafts with "
+          f"{draft_layers} layers, at most {num_speculations} a cycle, confidence {draft_confidence}; x full: against "
+          "the same batch and mode at full depth")
+    print(f"{'batch':>6}{'mode':>10}{'decoding':>14}{'tok/s':>9}{'x eager 1':>10}{'x same 1':>9}{'x full':>8}"
+          f"{'decode x full':>14}{'= eager 1':>10}")
     rows = []
-    for b, c in configs:
-        tps = n_tokens / seconds[b, c]
-        rows.append(dict(batch=b, compiled=c, tokens_per_s=round(tps, 1),
-                         speedup=round(seconds[first] / seconds[b, c], 2),
-                         speedup_same_mode=round(seconds[batches[0], c] / seconds[b, c], 2),
-                         identical_to_batch_1=outs[b, c] == outs[first]))
-        print(f"{b:>6}{'compiled' if c else 'eager':>10}{tps:>10.1f}{rows[-1]['speedup']:>11.2f}"
-              f"{rows[-1]['speedup_same_mode']:>10.2f}{'yes' if rows[-1]['identical_to_batch_1'] else 'no':>11}")
+    for b, c, K in configs:
+        tps = n_tokens / seconds[b, c, K]
+        full = (b, c, None)
+        rows.append(dict(batch=b, compiled=c, draft_layers=K, tokens_per_s=round(tps, 1),
+                         speedup=round(seconds[first] / seconds[b, c, K], 2),
+                         speedup_same_mode=round(seconds[batches[0], c, K] / seconds[b, c, K], 2),
+                         speedup_over_full=round(seconds[full] / seconds[b, c, K], 3),
+                         decode_speedup_over_full=round(decode_s[full] / decode_s[b, c, K], 3),
+                         identical_to_batch_1=outs[b, c, K] == outs[first]))
+        r = rows[-1]
+        print(f"{b:>6}{'compiled' if c else 'eager':>10}{f'spec K={K}' if K else 'full depth':>14}{tps:>9.1f}"
+              f"{r['speedup']:>10.2f}{r['speedup_same_mode']:>9.2f}{r['speedup_over_full']:>8.2f}"
+              f"{r['decode_speedup_over_full']:>14.2f}{'yes' if r['identical_to_batch_1'] else 'no':>10}")
+    for c in ([False, True] if compile and draft_layers else [False] if draft_layers else []):
+        losing = [r["batch"] for r in rows if r["draft_layers"] and r["compiled"] == c
+                  and r["decode_speedup_over_full"] < 1]
+        verdict = f"stops paying at batch {min(losing)}" if losing else f"pays at every batch size up to {max(batches)}"
+        print(f"{'compiled' if c else 'eager'} self-speculation against full depth, decode phase: {verdict}")
     return rows
 
 
@@ -378,7 +511,11 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time compiled full-depth and self-speculative "
                                                           "decoding, compiled batches, and what compiling costs")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every configuration")
-    p.add_argument("--batches", default="1,4,16", help="batch sizes to decode the first 16 prompts with")
+    p.add_argument("--batches", default="1,4,16", help="batch sizes to decode the first (largest) prompts with")
+    p.add_argument("--draft_layers", type=int, default=None,
+                   help="--only batch: also batched self-speculation drafting with this many layers")
+    p.add_argument("--cycles", default=None, metavar="K1,K2,...",
+                   help="--only decode: where a self-speculative cycle's time goes, drafting with these depths")
     p.add_argument("--no_hf", action="store_true", help="skip transformers")
     p.add_argument("--train_dim", type=int, default=256)
     p.add_argument("--train_seq", type=int, default=256)
@@ -418,7 +555,8 @@ def main(argv=None):
                 long = [p for p, r in zip(prompts, refs) if len(tok.encode(r, bos=False)) >= 6]
                 workloads = {f"{a.ckpt}, all tasks": prompts[:B], f"{a.ckpt}, long answers": long[:B]}
             report["batch"] = {name: bench_batch(model, name, ps, max_new, tok.eos_id if tok else None, batches,
-                                                 a.rounds, a.compile) for name, ps in workloads.items()}
+                                                 a.rounds, a.compile, a.draft_layers, a.num_speculations,
+                                                 a.draft_confidence) for name, ps in workloads.items()}
         if a.only in (None, "decode"):
             exits = trained_exits(a.ckpt, n) if a.ckpt else default_exits(n)
             depths = sorted(set(parse_depths(a.depths, n, "--depths") if a.depths else exits) | {n})
@@ -430,6 +568,11 @@ def main(argv=None):
                                      a.compile)
             report["decode"] = bench_decode(model, a.ckpt or "random weights", configs, prompts, refs, tok, a.rounds,
                                             a.num_prompts)
+            if a.cycles:  # on the long answers, where decoding takes the time
+                long = [p for p, r in zip(prompts, refs) if len(tok.encode(r, bos=False)) >= 6] if refs else prompts
+                report["cycles"] = [row for c in ([False, True] if a.compile else [False]) for row in bench_cycle(
+                    model, long[:a.num_prompts], parse_depths(a.cycles, n - 1, "--cycles"), a.num_speculations,
+                    a.draft_confidence, max_new, tok.eos_id if tok else None, c, a.rounds)]
         if a.only in (None, "train"):
             report["train"] = bench_train(a.train_dim, a.train_seq, a.train_batch, a.rounds)
     except (CheckpointError, DataError, FlagError) as e:

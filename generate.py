@@ -165,9 +165,11 @@ def main(argv=None):
 
     print(text, end="" if a.raw else "\n")
     settings = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id)
-    if a.num_samples > 1 and label is None:  # the samples of each depth as one batch
+    if a.num_samples > 1 and (label is None or a.draft_layers):  # the samples of each depth as one batch
+        draft = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations,
+                     draft_confidence=a.draft_confidence) if a.draft_layers else {}
         return cli.sample_together(model, tokenizer, prompt_ids, depths, a.num_samples, a.max_new_tokens, a.seed,
-                                   a.compile, settings)
+                                   a.compile, settings, draft)
     for depth in depths:
         # untimed first: the first decode of a process pays once for what later ones reuse, so that the first depth's
         # tokens/s compare with the others'; with --compile, each depth's first decode compiles its graphs

@@ -58,20 +58,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos and sin of every (position, frequency) angle, each (max_seq_len, head_dim // 2), in float32."""
+    """cos and sin of every (position, frequency) angle, each (max_seq_len, 1, head_dim) in float32: each angle twice,
+    once for each dim of the pair it rotates, sin negated for the first (apply_rope's form), and a 1 for the heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)  # (max_seq_len, head_dim/2)
+    cos = angles.cos().repeat_interleave(2, -1)
+    sin = torch.stack((-angles.sin(), angles.sin()), -1).flatten(-2)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, head_dim) by position; cos, sin (T, head_dim/2), or (B, T, head_dim/2) when each row has
-    positions of its own. Meta's layout: dims (2i, 2i+1) form one rotating pair."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate x (B, T, H, head_dim) by position; cos, sin: rope_tables' rows (T, 1, head_dim), or (B, T, 1, head_dim)
+    when each row has positions of its own. Meta's layout: dims (2i, 2i+1) form one rotating pair (x0, x1), which
+    becomes (x0 cos - x1 sin, x1 cos + x0 sin): x cos + (x with each pair swapped) (-sin, sin)."""
+    h = x.float()
+    swapped = h.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    return (h * cos + swapped * sin).type_as(x)
 
 
 class KVCache(nn.Module):  # keys and values of one layer, written in place at the positions being decoded

@@ -2,7 +2,8 @@
 
   step.py         one step through a range of layers, eager or through compiled graphs over a static KV cache
   batch.py        several prompts decoded together (generate_batch), left-padded, each row masked
-  speculative.py  self-speculative decoding: the first K layers draft, the full model verifies
+  speculative.py  self-speculative decoding, one prompt or a batch: the first K layers draft, the full model
+                  verifies, each row of a batch at its own column of one cache
   early_exit.py   each token leaves at the first exit confident enough
   cli.py          generate.py's flags for them
 """
@@ -23,10 +24,10 @@ def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int
                   top_k=None, top_p=None, eos_id=None, seed=None, on_token=None, compile=False, draft_layers=None,
                   num_speculations=8, draft_confidence=0.5, early_exit=None, exits=None, stats=None) -> list[int]:
     """generate.generate, decoded one of three ways: compiled plain decoding (through batch.py, one row),
-    self-speculative decoding (draft_layers: the first K layers draft up to num_speculations tokens, fewer where
-    their top probability drops below draft_confidence; compiled or not) or early exit (each token leaves at the
-    first of `exits` whose top probability reaches early_exit: one threshold, or one per exit below the last;
-    eager). stats, if given, receives the drafts' acceptance or the exit depths."""
+    self-speculative decoding (speculative.py, one row: the first draft_layers layers draft up to num_speculations
+    tokens a cycle, fewer where their top probability drops below draft_confidence; compiled or not) or early exit
+    (each token leaves at the first of `exits` whose top probability reaches early_exit: one threshold, or one per
+    exit below the last; eager). stats, if given, receives the drafts' acceptance or the exit depths."""
     n = model.args.n_layers
     T = len(prompt_ids)
     if not 0 < T < model.args.max_seq_len:
@@ -40,6 +41,18 @@ def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         return []
     device = model.output.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    prompt = torch.tensor([prompt_ids], device=device)
+    size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
+    if draft_layers:
+        assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
+        open_cache(model, 1, size, static=True)  # speculation runs at a column given as a tensor, eager or not
+        try:
+            return speculate(model, prompt, None, layers_fn(model, compile), K=draft_layers, N=num_speculations,
+                             confidence=draft_confidence, max_new=max_new_tokens, eos_id=eos_id,
+                             sampling=(temperature, top_k, top_p, generator),
+                             on_token=on_token and (lambda _, token: on_token(token)), stats=stats)[0]
+        finally:
+            model.drop_cache()
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     out = []
 
@@ -52,20 +65,12 @@ def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int
             on_token(token)
         return len(out) >= max_new_tokens
 
-    prompt = torch.tensor([prompt_ids], device=device)
-    size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
-    compile = compile and bool(draft_layers)  # early exit stays eager
-    open_cache(model, 1, size, compile)
+    open_cache(model, 1, size, static=False)  # early exit stays eager
     try:
-        if draft_layers:
-            assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
-            speculate(model, prompt, draft_layers, num_speculations, draft_confidence, pick, emit, size,
-                      eos_id, stats, (temperature, top_k, top_p, generator), layers_fn(model, compile))
-        else:
-            exits = sorted(set(exits or default_exits(n)) | {n})
-            thresholds = list(early_exit) if isinstance(early_exit, (list, tuple)) else [early_exit] * len(exits[:-1])
-            assert len(thresholds) == len(exits) - 1, f"{len(thresholds)} thresholds for the exits {exits[:-1]}"
-            exit_early(model, prompt, exits, dict(zip(exits, thresholds)), pick, emit, size, stats)
+        exits = sorted(set(exits or default_exits(n)) | {n})
+        thresholds = list(early_exit) if isinstance(early_exit, (list, tuple)) else [early_exit] * len(exits[:-1])
+        assert len(thresholds) == len(exits) - 1, f"{len(thresholds)} thresholds for the exits {exits[:-1]}"
+        exit_early(model, prompt, exits, dict(zip(exits, thresholds)), pick, emit, size, stats)
         return out
     finally:
         model.drop_cache()

@@ -6,6 +6,7 @@ greedy rows are token for token what generate.generate gives each prompt alone.
 """
 import torch
 
+from decoding.speculative import speculate
 from decoding.step import layers_fn, open_cache
 from model import Transformer
 from sampling import sample
@@ -14,11 +15,14 @@ from sampling import sample
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, layers: int | None = None,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   eos_id: int | None = None, seed: int | None = None, on_token=None,
-                   compile: bool = False) -> list[list[int]]:
+                   eos_id: int | None = None, seed: int | None = None, on_token=None, compile: bool = False,
+                   draft_layers: int | None = None, num_speculations: int = 8, draft_confidence: float = 0.5,
+                   stats: dict | None = None) -> list[list[int]]:
     """The new token ids of each prompt (without the EOS that stopped it), all decoded together by the
     depth-`layers` sub-model (default: all layers). At most max_seq_len minus the longest prompt new tokens.
-    on_token(row, id) sees tokens as they come. compile: through the compiled graphs of step.layers_fn."""
+    on_token(row, id) sees tokens as they come. compile: through the compiled graphs of step.layers_fn.
+    draft_layers: the full model, self-speculatively (speculative.py), each row accepting drafts of its own;
+    stats receives the acceptance."""
     n = model.args.n_layers
     depth = layers or n
     assert 1 <= depth <= n, f"layers={depth} outside 1..{n}"
@@ -36,7 +40,16 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), padding first
     live = set(range(len(prompts)))  # the rows still decoding
     layers = layers_fn(model, compile)
-    open_cache(model, len(prompts), T + max_new_tokens, compile)
+    if draft_layers:
+        assert 1 <= draft_layers < n and depth == n, f"draft_layers={draft_layers} outside 1..{n - 1}, or layers<{n}"
+        open_cache(model, len(prompts), T + max_new_tokens, static=True)  # rows at columns of their own
+        try:
+            return speculate(model, tokens, pad, layers, K=draft_layers, N=num_speculations,
+                             confidence=draft_confidence, max_new=max_new_tokens, eos_id=eos_id,
+                             sampling=(temperature, top_k, top_p, generator), on_token=on_token, stats=stats)
+        finally:
+            model.drop_cache()
+    open_cache(model, len(prompts), T + max_new_tokens, static=compile)
     try:
         logits = layers(tokens, 0, 0, depth, pad)[1][:, -1]
         for col in range(T, T + max_new_tokens):

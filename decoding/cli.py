@@ -46,21 +46,25 @@ def fast_decoder(n: int, exits: list[int], compile: bool, draft_layers: int | No
 
 
 def sample_together(model, tokenizer, prompt_ids: list[int], depths: list[int], num_samples: int,
-                    max_new_tokens: int, seed: int, compile: bool, settings: dict):
+                    max_new_tokens: int, seed: int, compile: bool, settings: dict, draft: dict | None = None):
     """--num_samples N: the N samples of each depth decoded together, as one batch (batch.py); settings: the
-    sampling's temperature, top_k, top_p, eos_id."""
-    n = model.args.n_layers
+    sampling's temperature, top_k, top_p, eos_id; draft: --draft_layers and its settings, to decode the batch
+    self-speculatively."""
+    n, draft, stats = model.args.n_layers, draft or {}, {}
     for depth in depths:
         if compile:  # the first decode compiles its graphs: time it apart
             t0 = time.perf_counter()
-            generate_batch(model, [prompt_ids] * num_samples, max_new_tokens, layers=depth, compile=True)
+            generate_batch(model, [prompt_ids] * num_samples, max_new_tokens, layers=depth, compile=True, **draft)
             print(f"[compiled: the first decode took {time.perf_counter() - t0:.1f} s]")
         t0 = time.perf_counter()
         samples = generate_batch(model, [prompt_ids] * num_samples, max_new_tokens, layers=depth, seed=seed,
-                                 compile=compile, **settings)
+                                 compile=compile, stats=stats, **draft, **settings)
         dt = time.perf_counter() - t0
+        label = (f"self-speculative: layers 1..{draft['draft_layers']} draft, {n} layers verify" if draft else
+                 f"layers {depth}/{n}")
         for i, ids in enumerate(samples):
-            print(f"--- layers {depth}/{n}, sample {i + 1}\n{tokenizer.decode(ids)}")
+            print(f"--- {label}, sample {i + 1}\n{tokenizer.decode(ids)}")
         n_tokens = sum(len(ids) for ids in samples)
+        extra = f", {stats['acceptance']:.0%} of drafts accepted" if "acceptance" in stats else ""
         print(f"[{num_samples} samples decoded together, {n_tokens} tokens in {dt:.2f} s: {n_tokens / dt:.1f} "
-              "tokens/s]")
+              f"tokens/s{extra}]")

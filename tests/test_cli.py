@@ -33,6 +33,10 @@ def test_samples_are_decoded_together(ckpt):
                             "--num_samples", "3", "--max_new_tokens", "5")
     assert rc == 0, err
     assert "sample 3" in out and "3 samples decoded together" in out
+    rc, out, err = run_main("generate.py", "--ckpt", ckpt, "--temperature", "1.0", "--num_samples", "3",
+                            "--max_new_tokens", "5", "--draft_layers", "2")  # one batch, self-speculatively
+    assert rc == 0, err
+    assert "self-speculative" in out and "3 samples decoded together" in out and "drafts accepted" in out
 
 
 def test_generate_speculative_and_early_exit_flags(ckpt):

@@ -45,6 +45,21 @@ def test_compiled_speculation_and_batches_give_the_eager_tokens(traced_only):
     assert gen.generate_batch(model, prompts, 12, compile=True) == gen.generate_batch(model, prompts, 12)
 
 
+@pytest.mark.parametrize("confidence", [0.0, 0.3])
+def test_compiled_batched_speculation_gives_every_row_its_tokens_alone(traced_only, confidence):
+    """Rows of different lengths, each at its own column of the static cache, stopping at different EOS."""
+    model = random_model(tiny_args(n_layers=4, max_seq_len=64))
+    prompts = [[3, 4, 5], PROMPT, [9] * 11, [7]]
+    alone = [gen.generate(model, p, 20) for p in prompts]
+    eos = alone[0][4]
+    stopped = [gen.generate(model, p, 20, eos_id=eos) for p in prompts]
+    assert len({len(r) for r in stopped}) > 1
+    for eos, want in ((None, alone), (eos, stopped)):
+        assert gen.generate_batch(model, prompts, 20, eos_id=eos, draft_layers=2, num_speculations=5,
+                                  draft_confidence=confidence, compile=True) == want
+    assert traced_only() <= 2 + 4  # the prompt, the drafts, verified chunks padded to 1, 2, 4 or 8 tokens
+
+
 def test_inductor_compiled_decoding_gives_the_eager_tokens():
     """The real compiler (C++ code on the CPU): the same tokens."""
     torch._dynamo.reset()
@@ -56,6 +71,9 @@ def test_inductor_compiled_decoding_gives_the_eager_tokens():
         assert gen.generate_batch(model, prompts, 12, compile=True) == gen.generate_batch(model, prompts, 12)
         assert gen.generate(model, [5, 6], 40, compile=True) == gen.generate(model, [5, 6], 40)
         assert gen.generate(model, PROMPT, 16, compile=True) == gen.generate(model, PROMPT, 16)
+        # batched speculation: each row written at columns of its own
+        assert gen.generate_batch(model, prompts, 12, compile=True, draft_layers=1, num_speculations=3,
+                                  draft_confidence=0.0) == gen.generate_batch(model, prompts, 12)
     finally:
         torch._dynamo.reset()
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_model, run_main, tiny_args
 from data import alpaca_prompt
-from generate import generate
+from generate import generate, generate_batch
 from sampling import logits_to_probs
 from load_llama import load_model, load_tokenizer
 from test_train import FAST
@@ -97,9 +97,9 @@ def test_speculative_sampling_keeps_the_full_models_distribution(eos):
 
 
 def test_drafts_stop_at_eos():
-    """A draft that proposes EOS goes straight to verification: no layer ever runs a position after it, nor
-    the last token that max_new_tokens allows. Layers 3 and 4 add nothing here (zero output projections), so the
-    2-layer draft agrees with the full model."""
+    """A draft that proposes EOS goes straight to verification (with a confidence test, which syncs each draft): no
+    layer ever runs a position after it, nor the last token that max_new_tokens allows. Layers 3 and 4 add nothing
+    here (zero output projections), so the 2-layer draft agrees with the full model."""
     model = random_model(tiny_args(n_layers=4))
     with torch.no_grad():
         for layer in model.layers[2:]:
@@ -111,16 +111,78 @@ def test_drafts_stop_at_eos():
     run_layers = model.run_layers
 
     def spy(h, start_pos, first, last, positions=None, mask=None):
-        seen.append(start_pos + h.size(1))
+        seen.append(int(start_pos.max()) + h.size(1))
         return run_layers(h, start_pos, first, last, positions, mask)
     model.run_layers = spy
     stats = {}
-    out = generate(model, PROMPT, 30, draft_layers=2, num_speculations=8, draft_confidence=0.0, eos_id=eos, stats=stats)
+    out = generate(model, PROMPT, 30, draft_layers=2, num_speculations=8, draft_confidence=1e-9, eos_id=eos,
+                   stats=stats)
     assert out == plain[:plain.index(eos)] and stats["acceptance"] == 1.0
     assert max(seen) == len(PROMPT) + len(out)  # positions 0..T+len(out)-1: the prompt and the answer, not the EOS
+    # without the confidence test (no host sync a draft) drafts may run past the EOS: wasted, never output
+    assert generate(model, PROMPT, 30, draft_layers=2, draft_confidence=0.0, eos_id=eos) == out
     seen.clear()  # nor past max_new_tokens: the last token is never fed
     assert generate(model, PROMPT, 5, draft_layers=2, num_speculations=8, draft_confidence=0.0) == plain[:5]
     assert max(seen) == len(PROMPT) + 4
+
+
+# --- batched self-speculation: rows at columns of their own in one cache
+
+g = torch.Generator().manual_seed(5)
+PROMPTS = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (6, 1, 13, 9)]
+
+
+@pytest.mark.parametrize("K,N,confidence", [(1, 3, 0.0), (2, 8, 0.0), (3, 4, 0.3)])
+def test_batched_speculation_gives_every_row_its_full_depth_tokens_alone(K, N, confidence):
+    """Prompts of different lengths on a random model (drafts mostly rejected, each row at its own column), with
+    no EOS and with one that stops the rows at different steps."""
+    model = random_model(tiny_args(n_layers=4))
+    alone = [generate(model, p, 20) for p in PROMPTS]
+    stats = {}
+    assert generate_batch(model, PROMPTS, 20, draft_layers=K, num_speculations=N, draft_confidence=confidence,
+                          stats=stats) == alone
+    assert stats["drafted"] > 0
+    eos = alone[2][3]
+    alone = [generate(model, p, 20, eos_id=eos) for p in PROMPTS]
+    assert len(alone[2]) == 3 and len({len(r) for r in alone}) > 1  # the rows stop at different steps
+    assert generate_batch(model, PROMPTS, 20, eos_id=eos, draft_layers=K, num_speculations=N,
+                          draft_confidence=confidence) == alone
+
+
+def test_batched_speculation_on_a_trained_model_lets_each_row_keep_its_own_drafts(trained, trained_dir,
+                                                                                  task_prompt):
+    """A task prompt (drafts accepted) beside random ones (rejected), with and without the tokenizer's EOS: every
+    row is what it gets alone, and the rows kept different numbers of drafts, so they moved to different columns."""
+    prompts = [task_prompt, PROMPTS[0], task_prompt[3:], PROMPTS[2]]
+    for eos in (None, load_tokenizer(trained_dir).eos_id):
+        alone = [generate(trained, p, 30, eos_id=eos) for p in prompts]
+        assert generate_batch(trained, prompts, 30, eos_id=eos, draft_layers=2, draft_confidence=0.0) == alone
+    stats = {}
+    generate_batch(trained, prompts, 30, draft_layers=2, draft_confidence=0.0, stats=stats)
+    # rows kept different numbers of drafts (so they stood at different columns), several tokens a cycle
+    assert len(set(stats["accepted_by_row"])) > 1 and stats["cycles"] < 25, stats
+
+
+def test_batched_speculative_sampling_keeps_the_full_models_distribution():
+    """Every row of a batch of one prompt is one sample: the second token's distribution, exact from the model,
+    against 3000 rows drafted by one layer and verified by three."""
+    model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
+    prompt = [1, 4, 2]
+    with torch.no_grad():
+        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
+        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
+    counts = torch.zeros(6)
+    for s in range(6):
+        for out in generate_batch(model, [prompt] * 500, 2, temperature=1.0, draft_layers=1, num_speculations=3,
+                                  seed=s, draft_confidence=0.3 if s % 2 else 0.0):
+            counts[out[1]] += 1
+    tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
+    assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+    # the 1-layer draft's own distribution is far from the full model's: a sampler that kept every draft would fail
+    with torch.no_grad():
+        h = model.run_layers(model.tok_embeddings(torch.tensor([prompt])), 0, 0, 1)
+        q1 = logits_to_probs(model.head(h[0, -1], 1))
+    assert 0.5 * (q1 - p1).abs().sum() > 0.1
 
 
 def test_sampling_is_reproducible_with_a_seed(trained, task_prompt):
@@ -170,8 +232,12 @@ def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
     """bench.py on the trained checkpoint: every configuration runs, the lossless ones match full depth."""
     report = str(tmp_path / "bench.json")
     rc, out, err = run_main("bench.py", "--only", "decode", "--ckpt", trained_dir, "--num_eval", "12",
-                              "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report)
+                              "--num_prompts", "6", "--rounds", "1", "--thresholds", "0.0,1.01", "--json", report,
+                              "--cycles", "2")
     assert rc == 0, err
+    cycles = json.load(open(report))["cycles"]
+    assert [r["K"] for r in cycles] == [2] and cycles[0]["limit"] > 1 and cycles[0]["acceptance"] > 0
+    assert abs(cycles[0]["share_draft"] + cycles[0]["share_verify"] + cycles[0]["share_other"] - 1) < 0.01
     rows = {r["name"]: r for r in json.load(open(report))["decode"]}
     n = 4  # layers of the FAST model, trained exits 2, 3, 4
     assert {"depth 2", f"depth {n}", "self-speculative K=3", "early exit 0", "HF generate"} <= set(rows)
@@ -185,10 +251,11 @@ def test_bench_batch_decodes_the_batch_1_answers_at_every_size(trained_dir, tmp_
     """bench.py --only batch on the trained checkpoint: both workloads, every batch size gives batch 1's answers."""
     report = str(tmp_path / "bench.json")
     rc, out, err = run_main("bench.py", "--only", "batch", "--ckpt", trained_dir, "--num_eval", "48",
-                            "--batches", "1,3,8", "--rounds", "1", "--json", report)
+                            "--batches", "1,3,8", "--rounds", "1", "--json", report, "--draft_layers", "2")
     assert rc == 0, err
     workloads = json.load(open(report))["batch"]
     assert len(workloads) == 2  # the task mix and the long answers
     for rows in workloads.values():
-        assert [(r["batch"], r["compiled"]) for r in rows] == [(1, False), (3, False), (8, False)]
+        assert [(r["batch"], r["compiled"], r["draft_layers"]) for r in rows] == \
+            [(b, False, k) for k in (None, 2) for b in (1, 3, 8)]
         assert all(r["identical_to_batch_1"] and r["tokens_per_s"] > 0 for r in rows)
