@@ -276,10 +276,17 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     return rows
 
 
-def step_seconds(fn, calls: int = 50) -> float:
-    """Median seconds of one call of fn, over calls after a warm-up."""
-    fn()
-    return statistics.median(timed(fn) for _ in range(calls))
+def step_seconds(fns: dict, rounds: int = 10, calls: int = 10) -> dict:
+    """Median seconds of one call of each fn, after a warm-up: in rounds, each fn called `calls` times in a row (as
+    a decode calls its steps, on weights that stay in the CPU's caches) and the fns in turn, so that drift hits all
+    alike and their ratios hold even where the machine's speed moves from one minute to the next."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k] += [timed(fn) for _ in range(calls)]
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 def bench_cycle(model, prompts, drafts: list[int], N: int, confidence: float, max_new: int, eos, compile: bool,
@@ -295,10 +302,25 @@ def bench_cycle(model, prompts, drafts: list[int], N: int, confidence: float, ma
     with torch.inference_mode():
         # one-token steps at a column halfway into a cache of the size these decodes use
         size, col = max(map(len, prompts)) + max_new, max(map(len, prompts))
-        x1, pos = torch.tensor([[5]]), torch.tensor([col])
+        x1, pos, h = torch.tensor([[5]]), torch.tensor([col]), torch.zeros(1, N + 1, model.args.dim)
         open_cache(model, 1, size, static=compile)  # the full-depth baseline: the plain cache, eager
-        full = step_seconds(lambda: layers(x1, col if not compile else pos, 0, L))
+        plain = [layer.attention.cache for layer in model.layers]
+        open_cache(model, 1, size, static=True)  # speculation's
+        static = [layer.attention.cache for layer in model.layers]
         model.drop_cache()
+
+        def on(caches, fn):  # fn on these caches, so that steps on both kinds can be timed in turn
+            def call():
+                for layer, cache in zip(model.layers, caches):
+                    layer.attention.cache = cache
+                return fn()
+            return call
+        steps = step_seconds({"full": on(plain, lambda: layers(x1, col if not compile else pos, 0, L)),
+                              **{("draft", K): on(static, lambda K=K: layers(x1, pos, 0, K)) for K in drafts},
+                              **{("verify", K): on(static, lambda K=K: layers(h, pos, K, L, every=True))
+                                 for K in drafts}})
+        model.drop_cache()
+        full = steps["full"]
         for K in drafts:
             spent = dict.fromkeys(("prefill", "draft", "verify", "total"), 0.0)
 
@@ -308,23 +330,20 @@ def bench_cycle(model, prompts, drafts: list[int], N: int, confidence: float, ma
                 spent["prefill" if last == L and first == 0 else "draft" if first == 0 else "verify"] += \
                     time.perf_counter() - t0
                 return result
-            stats = {}
             for r in range(rounds + 1):  # the first round warms up (and compiles)
+                drafted = accepted = 0  # over every prompt of the round: the last round's count
                 if r == 1:
                     spent = dict.fromkeys(spent, 0.0)
                 for p in prompts:
                     open_cache(model, 1, len(p) + max_new, static=True)
-                    t0 = time.perf_counter()
+                    stats, t0 = {}, time.perf_counter()
                     speculate(model, torch.tensor([p], device=device), None, timed_layers, K=K, N=N,
                               confidence=confidence, max_new=max_new, eos_id=eos, sampling=(0.0, None, None, None),
                               stats=stats)
                     spent["total"] += time.perf_counter() - t0
+                    drafted, accepted = drafted + stats.get("drafted", 0), accepted + stats.get("accepted", 0)
                     model.drop_cache()
-            open_cache(model, 1, size, static=True)
-            h = torch.zeros(1, N + 1, model.args.dim)
-            draft = step_seconds(lambda: layers(x1, pos, 0, K))
-            verify = step_seconds(lambda: layers(h, pos, K, L, every=True))
-            model.drop_cache()
+            draft, verify = steps["draft", K], steps["verify", K]
             limit = (N + 1) * full / ((N + 1) * draft + verify)
             other = spent["total"] - spent["prefill"] - spent["draft"] - spent["verify"]
             decode = spent["total"] - spent["prefill"]
@@ -332,11 +351,11 @@ def bench_cycle(model, prompts, drafts: list[int], N: int, confidence: float, ma
                              verify_ms=round(verify * 1e3, 3), limit=round(limit, 2),
                              share_draft=round(spent["draft"] / decode, 3),
                              share_verify=round(spent["verify"] / decode, 3), share_other=round(other / decode, 3),
-                             acceptance=round(stats["acceptance"], 3)))
+                             acceptance=round(accepted / max(drafted, 1), 3)))
     print(f"\nself-speculative cycles, batch 1, {mode}, N={N} drafts a cycle at most, confidence {confidence}: one "
-          f"step's time (median of 50), the limit they allow (N drafts all accepted: (N+1) full steps against N+1 "
-          f"draft steps and one verification of N+1 tokens), and where the decode phase's time went on "
-          f"{len(prompts)} prompts ({rounds} rounds)")
+          f"step's time (median of 10 rounds of 10 calls, the steps taking turns), the limit they allow (N drafts "
+          f"all accepted: (N+1) full steps against N+1 draft steps and one verification of N+1 tokens), and where the "
+          f"decode phase's time went on {len(prompts)} prompts ({rounds} rounds)")
     print(f"{'K':>3}{'full step ms':>14}{'draft step ms':>15}{'verify ms':>11}{'limit':>7}{'drafting':>10}"
           f"{'verifying':>11}{'the rest':>10}{'accept':>8}")
     for r in rows:
