@@ -345,9 +345,11 @@ def measured_peak(nproc: int, flags) -> float:
 @pytest.mark.parametrize("model", ["tiny", "small"])
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_memory_estimate_is_within_15_percent_of_the_measured_peak(model, nproc):
-    flags = {"tiny": ["--model", "tiny", "--batch_size", "4", "--max_seq_len", "128"],
+    # small: LLaMA 2's vocabulary, where the logits weigh, in float32 (bfloat16 matmuls take this CPU five times as
+    # long: 72 s against 15 for the measured step); tiny holds the estimate to bfloat16's accounting
+    flags = {"tiny": ["--model", "tiny", "--batch_size", "4", "--max_seq_len", "128", "--dtype", "bfloat16"],
              "small": ["--model", "7B", "--dim", "256", "--n_layers", "4", "--n_heads", "4", "--batch_size", "2",
-                       "--max_seq_len", "128", "--grad_accum", "2"]}[model] + ["--dtype", "bfloat16"]
+                       "--max_seq_len", "128", "--grad_accum", "2", "--dtype", "float32"]}[model]
     estimate = plan(*flags, nproc=nproc)["total"]
     measured = measured_peak(nproc, flags)
     assert abs(estimate - measured) <= 0.15 * measured, (estimate / 2 ** 20, measured / 2 ** 20)
