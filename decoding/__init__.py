@@ -13,8 +13,7 @@ import torch
 
 from decoding.batch import generate_batch
 from decoding.early_exit import exit_early
-from decoding.speculative import speculate
-from decoding.step import layers_fn, open_cache
+from decoding.step import open_cache
 from model import Transformer, default_exits
 from sampling import sample
 
@@ -23,8 +22,8 @@ from sampling import sample
 def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, layers=None, temperature=0.0,
                   top_k=None, top_p=None, eos_id=None, seed=None, on_token=None, compile=False, draft_layers=None,
                   num_speculations=8, draft_confidence=0.5, early_exit=None, exits=None, stats=None) -> list[int]:
-    """generate.generate, decoded one of three ways: compiled plain decoding (through batch.py, one row),
-    self-speculative decoding (speculative.py, one row: the first draft_layers layers draft up to num_speculations
+    """generate.generate, decoded one of three ways: compiled plain decoding or self-speculative decoding (both
+    through batch.py, one row; speculative.py: the first draft_layers layers draft up to num_speculations
     tokens a cycle, fewer where their top probability drops below draft_confidence; compiled or not) or early exit
     (each token leaves at the first of `exits` whose top probability reaches early_exit: one threshold, or one per
     exit below the last; eager). stats, if given, receives the drafts' acceptance or the exit depths."""
@@ -32,10 +31,12 @@ def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     T = len(prompt_ids)
     if not 0 < T < model.args.max_seq_len:
         raise ValueError(f"the prompt is {T} tokens; it must be 1..{model.args.max_seq_len - 1} (max_seq_len)")
-    if not (draft_layers or early_exit is not None):
-        return generate_batch(model, [prompt_ids], max_new_tokens, layers=layers, temperature=temperature, top_k=top_k,
-                              top_p=top_p, eos_id=eos_id, seed=seed,
-                              on_token=on_token and (lambda _, token: on_token(token)), compile=compile)[0]
+    if draft_layers or early_exit is None:  # one row of a batch: self-speculative, or plain (compiled)
+        return generate_batch(model, [prompt_ids], max_new_tokens, layers=None if draft_layers else layers,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
+                              on_token=on_token and (lambda _, token: on_token(token)), compile=compile,
+                              draft_layers=draft_layers, num_speculations=num_speculations,
+                              draft_confidence=draft_confidence, stats=stats)[0]
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - T)
     if max_new_tokens < 1:
         return []
@@ -43,16 +44,6 @@ def generate_fast(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     prompt = torch.tensor([prompt_ids], device=device)
     size = T + max_new_tokens  # at most max_seq_len; the cache never holds more than the output can reach
-    if draft_layers:
-        assert 1 <= draft_layers < n, f"draft_layers={draft_layers} outside 1..{n - 1}"
-        open_cache(model, 1, size, static=True)  # speculation runs at a column given as a tensor, eager or not
-        try:
-            return speculate(model, prompt, None, layers_fn(model, compile), K=draft_layers, N=num_speculations,
-                             confidence=draft_confidence, max_new=max_new_tokens, eos_id=eos_id,
-                             sampling=(temperature, top_k, top_p, generator),
-                             on_token=on_token and (lambda _, token: on_token(token)), stats=stats)[0]
-        finally:
-            model.drop_cache()
     pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     out = []
 

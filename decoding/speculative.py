@@ -39,6 +39,7 @@ def speculate(model, prompts, pad, layers, *, K: int, N: int, confidence: float,
     if max_new < 1:
         return [[] for _ in range(B)]
     L, device = model.args.n_layers, prompts.device
+    rows = torch.arange(B, device=device)
     temperature, top_k, top_p, generator = sampling
     logits = layers(prompts, torch.zeros(1, dtype=torch.long, device=device), 0, L, pad)[1][:, -1]  # (B, V)
     token = sample(logits, temperature, top_k, top_p, generator)  # (B,) each row's next token, unseen by any layer
@@ -93,19 +94,18 @@ def speculate(model, prompts, pad, layers, *, K: int, N: int, confidence: float,
         m, c = len(drafts), len(hidden)  # c is m + 1, or m after a draft that ended on an EOS
         d = torch.cat(drafts, 1) if drafts else token.new_zeros(B, 0)  # (B, m)
         logits = layers(torch.cat(hidden, 1), pos, K, L, pad, every=True)[1]  # (B, c, V)
-        rows = torch.arange(B, device=device)
         if temperature == 0.0:
             target = logits.argmax(-1)  # (B, c)
             k = (d == target[:, :m]).int().cumprod(1).sum(1)  # (B,) drafts kept: up to the first disagreement
             nxt = target[rows, k.clamp(max=c - 1)]  # the full model's correction, or its bonus token
         else:  # keep draft d with probability min(1, p(d) / q(d)); at the first rejection, sample max(0, p - q)
             p = logits_to_probs(logits, temperature, top_k, top_p)  # (B, c, V)
-            q = torch.stack(q, 1) if q else p[:, :0]  # (B, m, V)
-            p_d, q_d = p[:, :m].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]  # (B, m)
+            q = torch.stack([*q, torch.zeros_like(p[:, 0])], 1)  # (B, m + 1, V): past the drafts, q = 0
+            p_d, q_d = p[:, :m].gather(2, d[..., None])[..., 0], q[:, :m].gather(2, d[..., None])[..., 0]  # (B, m)
             u = torch.rand(B, m, generator=generator, device=device)
             k = (u * q_d < p_d).int().cumprod(1).sum(1)
-            p_k = p[rows, k.clamp(max=c - 1)]  # (B, V)
-            q_k = torch.cat([q, torch.zeros_like(p[:, :1])], 1)[rows, k.clamp(max=c - 1)]  # past the drafts, q = 0
+            at = k.clamp(max=c - 1)  # the first rejected draft's position, or the one past the drafts
+            p_k, q_k = p[rows, at], q[rows, at]  # (B, V)
             residual = (p_k - q_k).clamp(min=0)
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_k)
             nxt = torch.multinomial(residual, 1, generator=generator)[:, 0]
