@@ -41,7 +41,7 @@ from decoding.speculative import speculate
 from decoding.step import layers_fn, open_cache
 from generate import generate, generate_batch
 from load_llama import hf_config, hf_state_dict, load_model
-from model import ModelArgs, Transformer, default_exits, init_weights
+from model import ModelArgs, Transformer, default_exits, fresh_weights
 from scale.fused_ce import SortedObjective
 from soft import sorted_loss
 from tasks import exact_match
@@ -49,11 +49,11 @@ from tokenizer import load_tokenizer
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    g = torch.Generator().manual_seed(seed)
     model = Transformer(args)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(init_weights(name, p.shape, args.n_layers, g))
+        for name, value in fresh_weights(model, seed):
+            params[name].copy_(value)
     return model
 
 
@@ -132,6 +132,12 @@ def decode_workload(ckpt: str | None, model: Transformer, num_eval: int, prompt_
     return prompts, None, None, new_tokens
 
 
+def long_answers(refs: list[str], tok) -> list[int]:
+    """The indices of the references 6 tokens or longer: the prompts where decoding, not the prompt's pass, takes the
+    time."""
+    return [i for i, r in enumerate(refs) if len(tok.encode(r, bos=False)) >= 6]
+
+
 def decode_configs(model, depths, exits, max_new: int, eos, speculate: bool, num_speculations: int,
                    draft_confidence: float, thresholds: list, with_hf: bool, compile: bool = False) -> dict:
     """Every configuration to time, by name: a function of a list of prompts returning (outputs, stats)."""
@@ -204,7 +210,7 @@ def bench_decode(model, label: str, configs: dict, prompts, refs, tok, rounds: i
     # decoding rather than the prompt's prefill takes the time
     workloads = {"all": list(range(len(prompts)))[:num_prompts]}  # indices into prompts
     if refs:
-        long = [i for i, r in enumerate(refs) if len(tok.encode(r, bos=False)) >= 6]
+        long = long_answers(refs, tok)
         workloads = {"all tasks": workloads["all"], "long answers": long[:num_prompts]}
     workloads = {w: idx for w, idx in workloads.items() if idx}  # a checkpoint whose tasks all answer short has none
     with torch.inference_mode():
@@ -571,7 +577,7 @@ def main(argv=None):
                                                           n_random=B)
             workloads = {"random weights": prompts[:B]}
             if refs:  # held-out tasks: the mix, and those whose answers are long, where decoding takes the time
-                long = [p for p, r in zip(prompts, refs) if len(tok.encode(r, bos=False)) >= 6]
+                long = [prompts[i] for i in long_answers(refs, tok)]
                 workloads = {f"{a.ckpt}, all tasks": prompts[:B], f"{a.ckpt}, long answers": long[:B]}
             report["batch"] = {name: bench_batch(model, name, ps, max_new, tok.eos_id if tok else None, batches,
                                                  a.rounds, a.compile, a.draft_layers, a.num_speculations,
@@ -588,7 +594,7 @@ def main(argv=None):
             report["decode"] = bench_decode(model, a.ckpt or "random weights", configs, prompts, refs, tok, a.rounds,
                                             a.num_prompts)
             if a.cycles:  # on the long answers, where decoding takes the time
-                long = [p for p, r in zip(prompts, refs) if len(tok.encode(r, bos=False)) >= 6] if refs else prompts
+                long = [prompts[i] for i in long_answers(refs, tok)] if refs else prompts
                 report["cycles"] = [row for c in ([False, True] if a.compile else [False]) for row in bench_cycle(
                     model, long[:a.num_prompts], parse_depths(a.cycles, n - 1, "--cycles"), a.num_speculations,
                     a.draft_confidence, max_new, tok.eos_id if tok else None, c, a.rounds)]

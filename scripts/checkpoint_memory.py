@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from load_llama import META_SPLIT_DIM, copy_weights, iter_state_dict  # noqa: E402
-from model import ModelArgs, Transformer, init_weights  # noqa: E402
+from model import ModelArgs, Transformer, fresh_weights  # noqa: E402
 from scale import checkpoint  # noqa: E402
 from scale.fsdp import Sharded, put  # noqa: E402
 
@@ -78,9 +78,9 @@ def main():
     run = Sharded(False, torch.bfloat16)
     args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.dim // 64, vocab_size=a.vocab_size, max_seq_len=256)
     model = run.build(lambda: Transformer(args))
-    g = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        put(param, init_weights(name, param.shape, args.n_layers, g))
+    params = dict(model.named_parameters())
+    for name, value in fresh_weights(model, 0):
+        put(params[name], value)
     n = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         folder = run.decide(lambda: tmp)  # rank 0's folder, on this one machine every process's
