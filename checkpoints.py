@@ -140,15 +140,20 @@ def resume_point(latest: str, resume: bool) -> str | None:
     if resume and os.path.lexists(latest) and not os.path.exists(latest):
         raise CheckpointError(f"{latest} names {os.readlink(latest)}, which is missing: moved or deleted?")
     if os.path.isdir(latest) and not os.path.islink(latest):  # a new checkpoint could not replace it
-        step = read_json(os.path.join(latest, "params.json")).get("step")
-        if not isinstance(step, int):
-            raise CheckpointError(f"{latest} is a folder, not the link the trainer makes, and its params.json names "
-                                  "no step: move it away, or train in another --out")
-        out, name = os.path.dirname(latest), f"step_{step:07d}"
-        fix = f"rm -r {latest}" if os.path.isdir(os.path.join(out, name)) else f"mv {latest} {os.path.join(out, name)}"
-        raise CheckpointError(f"{latest} is a folder, not the link the trainer makes (copied with links followed?): "
-                              f"to train or resume here, make it one: {fix} && ln -s {name} {latest}")
+        refuse_copied_latest(latest)
     return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
+
+
+def refuse_copied_latest(latest: str):
+    """A training folder copied with its links followed has a folder `latest`: say how to make it the link again."""
+    step = read_json(os.path.join(latest, "params.json")).get("step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"{latest} is a folder, not the link the trainer makes, and its params.json names "
+                              "no step: move it away, or train in another --out")
+    out, name = os.path.dirname(latest), f"step_{step:07d}"
+    fix = f"rm -r {latest}" if os.path.isdir(os.path.join(out, name)) else f"mv {latest} {os.path.join(out, name)}"
+    raise CheckpointError(f"{latest} is a folder, not the link the trainer makes (copied with links followed?): "
+                          f"to train or resume here, make it one: {fix} && ln -s {name} {latest}")
 
 
 def resume(folder: str, run, model, opt, flags: dict, global_batch: int, log: str) -> int:

@@ -301,11 +301,8 @@ def load_initial_weights(model, init: str | None, seed: int, put):
     else:
         tensors = ((n, t) for n, t in fresh_weights(model, seed) if not n.startswith("exit_heads."))
     absent = copy_weights(model, tensors, init or "a fresh model", put)
-    with torch.no_grad():
-        for e, head in getattr(model, "exit_heads", {}).items():
-            if f"exit_heads.{e}.output.weight" in absent:
-                head.norm.weight.copy_(model.norm.weight)
-                head.output.weight.copy_(model.output.weight)
+    if absent:  # exits' own heads (variants/exit_heads.py) that init lacks
+        model.heads_from_shared(absent)
 
 
 # --- writing: a sub-model for Hugging Face

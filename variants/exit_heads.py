@@ -10,6 +10,7 @@ of the paper's open questions).
 The heads are parameters `exit_heads.{depth}.norm.weight` and `exit_heads.{depth}.output.weight` of the checkpoint;
 params.json records `exit_heads` and `exit_norm`, from which load_llama.load_model builds this model again.
 """
+import torch
 import torch.nn as nn
 
 from model import ModelArgs, RMSNorm, Transformer
@@ -45,3 +46,12 @@ class ExitHeadsTransformer(Transformer):
             return head.norm, head.output
         last = depth is None or depth == self.args.n_layers
         return (self.norm if last or self.exit_norm else nn.Identity()), self.output
+
+    @torch.no_grad()
+    def heads_from_shared(self, absent: list[str]):
+        """Start each exit's own head that the loaded weights lacked (absent: parameter names) as a copy of the shared
+        norm and head (an SFT checkpoint has no SFT+ICT heads yet; a fresh model draws none)."""
+        for e, head in self.exit_heads.items():
+            if f"exit_heads.{e}.output.weight" in absent:
+                head.norm.weight.copy_(self.norm.weight)
+                head.output.weight.copy_(self.output.weight)
