@@ -71,31 +71,6 @@ def test_every_mode_returns_nothing_for_max_new_tokens_0_and_one_token_for_1():
         assert generate(model, PROMPT, 1, **kw) == first and len(first) == 1
 
 
-@pytest.mark.parametrize("eos", [None, 5])
-def test_speculative_sampling_keeps_the_full_models_distribution(eos):
-    """The second new token's distribution, exact from the model, against 3000 speculative samples. With an EOS,
-    outcome 5 stands for "stopped before a second token", so drafts that end in an accepted EOS are covered."""
-    torch.manual_seed(0)
-    model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
-    prompt = [1, 4, 2]
-    with torch.no_grad():
-        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
-        # P(second = j) = sum over first tokens t of p(t) p(j | t); decoding stops at a first EOS
-        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6) if t != eos)
-        if eos is not None:  # P(stop before a second token) = P(EOS first) + P(EOS second)
-            exact[eos] += p1[eos]
-            assert 0.1 < exact[eos] < 0.9  # the test needs both outcomes to be common
-        assert abs(exact.sum().item() - 1) < 1e-5
-    counts = torch.zeros(6)
-    for s in range(3000):
-        out = generate(model, prompt, 2, temperature=1.0, draft_layers=1, num_speculations=3, seed=s, eos_id=eos,
-                       draft_confidence=0.3 if s % 2 else 0.0)  # drafting everything, or stopping when unsure
-        assert eos not in out
-        counts[out[1] if len(out) > 1 else eos] += 1
-    tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
-    assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
-
-
 def test_drafts_stop_at_eos():
     """A draft that proposes EOS goes straight to verification (with a confidence test, which syncs each draft): no
     layer ever runs a position after it, nor the last token that max_new_tokens allows. Layers 3 and 4 add nothing
@@ -163,26 +138,65 @@ def test_batched_speculation_on_a_trained_model_lets_each_row_keep_its_own_draft
     assert len(set(stats["accepted_by_row"])) > 1 and stats["cycles"] < 25, stats
 
 
-def test_batched_speculative_sampling_keeps_the_full_models_distribution():
-    """Every row of a batch of one prompt is one sample: the second token's distribution, exact from the model,
-    against 3000 rows drafted by one layer and verified by three."""
+def exact_marginals(model, prompt: list[int], n: int, eos: int | None) -> list[torch.Tensor]:
+    """The distribution of each of the first n new tokens, summed over every path to it; decoding stops at an EOS,
+    so eos's entry is the chance of having stopped before that token."""
+    paths, marginals = {(): 1.0}, []
+    with torch.no_grad():
+        for _ in range(n):
+            m, longer = torch.zeros(model.args.vocab_size), {}
+            for path, w in paths.items():
+                p = logits_to_probs(model(torch.tensor([prompt + list(path)]))[0, -1])
+                for t in range(model.args.vocab_size):
+                    if t != eos:
+                        longer[path + (t,)] = w * p[t]
+                        m[t] += w * p[t]
+            if eos is not None:
+                m[eos] = 1 - m.sum()
+            marginals.append(m)
+            paths = longer
+    return marginals
+
+
+@pytest.mark.parametrize("eos", [None, 5])
+def test_speculative_sampling_keeps_the_full_models_distribution(eos):
+    """Every row of a batch of one prompt is one sample of 4 new tokens: the first comes from the prompt's pass, the
+    next cycle drafts the second and third with one layer and verifies them with three. Their distributions, exact
+    from the model, against 3000 rows. With an EOS, outcome 5 stands for "stopped before this token", so drafts that
+    end in an accepted EOS are covered."""
     model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
     prompt = [1, 4, 2]
-    with torch.no_grad():
-        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
-        exact = sum(p1[t] * logits_to_probs(model(torch.tensor([prompt + [t]]))[0, -1]) for t in range(6))
-    counts = torch.zeros(6)
-    for s in range(6):
-        for out in generate_batch(model, [prompt] * 500, 2, temperature=1.0, draft_layers=1, num_speculations=3,
-                                  seed=s, draft_confidence=0.3 if s % 2 else 0.0):
-            counts[out[1]] += 1
-    tv = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
-    assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+    exact = exact_marginals(model, prompt, 3, eos)[1:]
+    assert eos is None or all(0.1 < e[eos] < 0.9 for e in exact)  # the test needs both outcomes to be common
+    counts = torch.zeros(2, 6)
+    for s in range(6):  # drafting everything, or stopping when unsure
+        stats = {}
+        for out in generate_batch(model, [prompt] * 500, 4, temperature=1.0, draft_layers=1, num_speculations=3,
+                                  seed=s, eos_id=eos, draft_confidence=0.3 if s % 2 else 0.0, stats=stats):
+            assert eos not in out
+            for i in (1, 2):
+                counts[i - 1, out[i] if len(out) > i else eos] += 1
+        assert stats["drafted"] > 500  # the second and third tokens were drafted, and some drafts rejected
+        assert 0 < stats["acceptance"] < 1, stats
+    for i, (c, e) in enumerate(zip(counts, exact)):
+        tv = 0.5 * (c / c.sum() - e).abs().sum().item()
+        assert tv < 0.04, f"total variation {tv:.3f} between speculative samples and the model's token {i + 2}"
     # the 1-layer draft's own distribution is far from the full model's: a sampler that kept every draft would fail
     with torch.no_grad():
         h = model.run_layers(model.tok_embeddings(torch.tensor([prompt])), 0, 0, 1)
         q1 = logits_to_probs(model.head(h[0, -1], 1))
+        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1])
     assert 0.5 * (q1 - p1).abs().sum() > 0.1
+
+
+def test_one_prompt_samples_what_a_batch_of_one_row_samples():
+    """generate(..., draft_layers=K) with a seed draws what generate_batch's single row draws, token for token, so
+    the distribution test above, on a batch, holds for it too."""
+    model = random_model(tiny_args(n_layers=3, vocab_size=6, dim=32, n_heads=2, n_kv_heads=1), seed=3)
+    for s in range(10):
+        kw = dict(temperature=1.0, draft_layers=1, num_speculations=3, seed=s, eos_id=5,
+                  draft_confidence=0.3 if s % 2 else 0.0)
+        assert generate(model, [1, 4, 2], 12, **kw) == generate_batch(model, [[1, 4, 2]], 12, **kw)[0], s
 
 
 def test_sampling_is_reproducible_with_a_seed(trained, task_prompt):
