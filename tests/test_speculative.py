@@ -264,7 +264,7 @@ def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
 def test_bench_batch_decodes_the_batch_1_answers_at_every_size(trained_dir, tmp_path):
     """bench.py --only batch on the trained checkpoint: both workloads, every batch size gives batch 1's answers."""
     report = str(tmp_path / "bench.json")
-    rc, out, err = run_main("bench.py", "--only", "batch", "--ckpt", trained_dir, "--num_eval", "48",
+    rc, out, err = run_main("bench.py", "--only", "batch", "--ckpt", trained_dir, "--num_eval", "24",
                             "--batches", "1,3,8", "--rounds", "1", "--json", report, "--draft_layers", "2")
     assert rc == 0, err
     workloads = json.load(open(report))["batch"]
