@@ -154,22 +154,20 @@ def main(argv=None):
         if len(prompt_ids) >= model.args.max_seq_len:
             raise DataError(f"the prompt is {len(prompt_ids)} tokens but the model's max_seq_len is "
                             f"{model.args.max_seq_len}")
-        decode, label, stats = generate_plain, None, {}
+        decode, label, fast, stats = generate_plain, None, {}, {}
         if a.compile or a.num_samples > 1 or a.draft_layers is not None or a.early_exit is not None:
             from decoding import cli  # the fast decoders take their flags from here
-            decode, label = cli.fast_decoder(n, trained_exits(a.ckpt, n), a.compile, a.draft_layers, a.num_speculations,
-                                             a.draft_confidence, a.early_exit, a.layers is not None or
-                                             a.compare is not None, stats)
+            decode, label, fast = cli.fast_decoder(n, trained_exits(a.ckpt, n), a.compile, a.draft_layers,
+                                                   a.num_speculations, a.draft_confidence, a.early_exit,
+                                                   a.layers is not None or a.compare is not None, stats)
     except (CheckpointError, DataError, FlagError) as e:
         sys.exit(f"error: {e}")
 
     print(text, end="" if a.raw else "\n")
     settings = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_id=tokenizer.eos_id)
     if a.num_samples > 1 and (label is None or a.draft_layers):  # the samples of each depth as one batch
-        draft = dict(draft_layers=a.draft_layers, num_speculations=a.num_speculations,
-                     draft_confidence=a.draft_confidence) if a.draft_layers else {}
         return cli.sample_together(model, tokenizer, prompt_ids, depths, a.num_samples, a.max_new_tokens, a.seed,
-                                   a.compile, settings, draft)
+                                   a.compile, settings, fast)
     for depth in depths:
         # untimed first: the first decode of a process pays once for what later ones reuse, so that the first depth's
         # tokens/s compare with the others'; with --compile, each depth's first decode compiles its graphs

@@ -25,8 +25,9 @@ def parse_thresholds(text: str, below_last: list[int]) -> float | list[float]:
 def fast_decoder(n: int, exits: list[int], compile: bool, draft_layers: int | None, num_speculations: int,
                  draft_confidence: float, early_exit: str | None, depth_chosen: bool, stats: dict):
     """(a function with generate.generate_plain's arguments that decodes through generate_fast, a label for
-    --draft_layers and --early_exit, which decode the full model faster, else None); stats receives the drafts'
-    acceptance or the exit depths of each decode."""
+    --draft_layers and --early_exit, which decode the full model faster, else None, and the keywords that choose
+    the fast decoder: sample_together's `draft` with --draft_layers); stats receives the drafts' acceptance or the
+    exit depths of each decode."""
     fast, label = {}, None
     if draft_layers is not None:
         if not 1 <= draft_layers < n or num_speculations < 1:
@@ -42,7 +43,7 @@ def fast_decoder(n: int, exits: list[int], compile: bool, draft_layers: int | No
             raise FlagError("--early_exit decodes eagerly: drop --compile")
         fast = dict(early_exit=parse_thresholds(early_exit, [e for e in exits if e < n]), exits=exits)
         label = f"early exit at top probability >= {early_exit}, exits {exits}"
-    return partial(generate_fast, compile=compile, stats=stats, **fast), label
+    return partial(generate_fast, compile=compile, stats=stats, **fast), label, fast
 
 
 def sample_together(model, tokenizer, prompt_ids: list[int], depths: list[int], num_samples: int,
