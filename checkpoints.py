@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import NoReturn
 
 from safetensors.torch import save_file
 
@@ -144,7 +145,7 @@ def resume_point(latest: str, resume: bool) -> str | None:
     return resolve(os.path.dirname(latest)) if resume and os.path.exists(latest) else None
 
 
-def refuse_copied_latest(latest: str):
+def refuse_copied_latest(latest: str) -> NoReturn:
     """A training folder copied with its links followed has a folder `latest`: say how to make it the link again."""
     step = read_json(os.path.join(latest, "params.json")).get("step")
     if not isinstance(step, int):

@@ -301,7 +301,7 @@ def load_initial_weights(model, init: str | None, seed: int, put):
     else:
         tensors = ((n, t) for n, t in fresh_weights(model, seed) if not n.startswith("exit_heads."))
     absent = copy_weights(model, tensors, init or "a fresh model", put)
-    if absent:  # exits' own heads (variants/exit_heads.py) that init lacks
+    if absent:  # only exits' own heads can be absent (variants/exit_heads.py): init lacks them, or a fresh model
         model.heads_from_shared(absent)
 
 

@@ -25,9 +25,8 @@ def parse_thresholds(text: str, below_last: list[int]) -> float | list[float]:
 def fast_decoder(n: int, exits: list[int], compile: bool, draft_layers: int | None, num_speculations: int,
                  draft_confidence: float, early_exit: str | None, depth_chosen: bool, stats: dict):
     """(a function with generate.generate_plain's arguments that decodes through generate_fast, a label for
-    --draft_layers and --early_exit, which decode the full model faster, else None, and the keywords that choose
-    the fast decoder: sample_together's `draft` with --draft_layers); stats receives the drafts' acceptance or the
-    exit depths of each decode."""
+    --draft_layers and --early_exit, else None, the fast keywords: sample_together's `draft`); stats receives the
+    drafts' acceptance or the exit depths of each decode."""
     fast, label = {}, None
     if draft_layers is not None:
         if not 1 <= draft_layers < n or num_speculations < 1:
