@@ -214,7 +214,7 @@ def prepare_data(a, run, resume_from: str | None):
 # --- the loop's helpers: schedule, evaluation
 
 def get_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to min_lr at the last step."""
+    """Step `step`'s rate: linear warmup to lr, then cosine decay to min_lr, reached at step `total` (past the last)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

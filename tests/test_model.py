@@ -89,6 +89,13 @@ def test_generate_stops_at_eos_and_reproduces_with_a_seed():
     assert a == b and a != c
 
 
+def test_temperature_divides_the_logits():
+    from sampling import logits_to_probs
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    for t in (0.5, 2.0):
+        assert torch.allclose(logits_to_probs(logits, t), torch.softmax(logits / t, -1)), t
+
+
 def test_top_k_and_top_p_filter_the_distribution():
     from sampling import logits_to_probs
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])

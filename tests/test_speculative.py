@@ -259,6 +259,18 @@ def test_early_exit_computes_skipped_layers_exactly(trained, task_prompt, thresh
     assert len(set(depths)) > 1, f"exit depths {depths}: the test needs tokens leaving at different exits"
 
 
+@pytest.mark.parametrize("heads,exit_norm", [([2, 3], True), ([2], False)])
+def test_early_exit_reads_each_exit_through_its_own_head(heads, exit_norm):
+    """With heads of their own (and exits below the last without the final norm), each exit's confidence and token
+    come from that exit's head, as in the brute-force reference; the shared head would give other tokens."""
+    model = random_model(tiny_args(n_layers=4), seed=0, heads=heads, exit_norm=exit_norm)
+    stats = {}
+    out = generate(model, PROMPT, 25, early_exit=0.5, exits=[2, 3, 4], stats=stats)
+    ref, depths = reference_early_exit(model, PROMPT, 25, [2, 3, 4], 0.5)
+    assert out == ref and stats["exit_depths"] == depths
+    assert len(set(depths)) == 3, f"exit depths {depths}: the test needs tokens leaving at every exit"
+
+
 def test_bench_decode_runs_every_configuration(trained_dir, tmp_path):
     """bench.py on the trained checkpoint: every configuration runs, the lossless ones match full depth."""
     report = str(tmp_path / "bench.json")

@@ -18,6 +18,7 @@ from data import batch_tensors, collate
 from flags import FlagError
 from scale.fused_ce import LinearCrossEntropy, SortedObjective, linear_cross_entropy
 from soft import sorted_loss
+from sorted_train import get_lr
 
 # a small, fast configuration of the trainer on the built-in tasks
 FAST = ["--dim", "64", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--num_examples", "600",
@@ -128,21 +129,33 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     a, b = final_weights(full), final_weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step {resumed_at}"
+    # every step's learning rate is get_lr's (warmup 2 in FAST, lr 3e-3 and min_lr lr / 10 by default)
+    assert [l["lr"] for l in read_log(full) if "lr" in l] == [get_lr(s, 3e-3, 3e-3 / 10, 2, 40) for s in range(40)]
     # the log too continues as if nothing happened (timings aside)
     losses_full = [l.get("loss", l.get("val_loss")) for l in read_log(full)]
     losses_cut = [l.get("loss", l.get("val_loss")) for l in read_log(cut)]
     assert losses_full == losses_cut
 
 
-def test_a_log_line_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path):
+def test_the_learning_rate_warms_up_linearly_then_decays_by_a_cosine():
+    lr, min_lr, warmup, total = 1.0, 0.1, 4, 20
+    assert [get_lr(s, lr, min_lr, warmup, total) for s in range(warmup + 1)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    decay = [get_lr(s, lr, min_lr, warmup, total) for s in range(warmup, total + 1)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert abs(get_lr(12, lr, min_lr, warmup, total) - 0.55) < 1e-12  # half way: half way down
+    assert abs(decay[-1] - min_lr) < 1e-12 and decay[-2] - min_lr < 0.01  # the last step's rate is just above
+
+
+def test_a_resume_cuts_the_log_back_to_its_checkpoint_and_a_line_cut_short_does_not_stop_it(tmp_path):
     out = str(tmp_path / "o")
     rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "2", "--out", out)
     assert rc == 0, err
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write('{"step": 3, "loss": {"4": 1.')  # the process died while writing
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # logged after the checkpoint at step 2, then a crash
+        f.write('{"step": 3, "loss": {"4": 99.0}}\n{"step": 4, "loss": {"4": 1.')  # the last while writing
     rc, _, err = run_main("sorted_train.py", *FAST, "--max_steps", "3", "--out", out, "--resume")
     assert rc == 0, err
-    assert [line["step"] for line in read_log(out) if "loss" in line] == [1, 2, 3]
+    steps = [line for line in read_log(out) if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3] and steps[-1]["loss"]["4"] != 99.0
 
 
 def test_default_demo_lowers_the_loss_at_every_exit(tmp_path):
